@@ -1,0 +1,320 @@
+//! The `colony` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use libp2p::Multiaddr;
+
+use crate::config::{NodeConfig, Reachability};
+use crate::http::{GetView, PutBody};
+use crate::node::Node;
+use crate::swarm::actor::{NodeStatus, PeerSummary};
+
+#[derive(Debug, Parser)]
+#[command(name = "colony", version, about = "Colony: a peer-to-peer volunteer compute node")]
+pub struct Cli {
+    /// Log filter (tracing's EnvFilter syntax), e.g. "info" or "colony_daemon=debug".
+    /// Default: "info" for `node`, "warn" for everything else.
+    #[arg(long, global = true, env = "COLONY_LOG")]
+    pub log: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node until SIGINT or SIGTERM.
+    Node(NodeArgs),
+    /// Create a node key (prints its peer id).
+    Keygen {
+        /// Where to write the key.
+        #[arg(long, default_value = ".colony/node.key")]
+        out: PathBuf,
+        /// Replace an existing key (changes the node's identity).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Store and read DHT records through a running node.
+    Dht {
+        #[command(subcommand)]
+        command: DhtCommand,
+    },
+    /// Peers a running node is connected to.
+    Peers(ApiArgs),
+    /// A running node's status.
+    Status(ApiArgs),
+    /// Ping a peer over peer RPC through a running node.
+    Ping {
+        /// The peer id.
+        peer: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Start a small local swarm and show what it does.
+    Demo(crate::demo::DemoArgs),
+    /// Benchmark suites.
+    Bench {
+        #[command(subcommand)]
+        suite: BenchSuite,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchSuite {
+    /// DHT put/get latency and success, with and without churn.
+    Dht(crate::bench::dht::DhtBenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DhtCommand {
+    /// Store a value. Without --subkey it is owned by (signed with) the node's key.
+    Put {
+        key: String,
+        value: String,
+        #[arg(long)]
+        subkey: Option<String>,
+        /// Seconds until it expires.
+        #[arg(long, default_value_t = 300)]
+        ttl: u64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Read every unexpired subkey under a key.
+    Get {
+        key: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// The node's HTTP API.
+    #[arg(long, env = "COLONY_API", default_value = "http://127.0.0.1:8700")]
+    pub api: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// TOML config file (flags and COLONY_* variables override it).
+    #[arg(long, env = "COLONY_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "COLONY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Listen multiaddr (repeatable).
+    #[arg(long, env = "COLONY_LISTEN", value_delimiter = ',')]
+    pub listen: Vec<Multiaddr>,
+    /// Bootstrap peer multiaddr with /p2p/<id> (repeatable).
+    #[arg(long, env = "COLONY_BOOTSTRAP", value_delimiter = ',')]
+    pub bootstrap: Vec<Multiaddr>,
+    /// HTTP API address, or "off".
+    #[arg(long, env = "COLONY_HTTP")]
+    pub http: Option<String>,
+    #[arg(long, env = "COLONY_REACHABILITY", value_enum)]
+    pub reachability: Option<Reachability>,
+    /// Relay to listen through when private (repeatable).
+    #[arg(long = "relay", env = "COLONY_RELAYS", value_delimiter = ',')]
+    pub relays: Vec<Multiaddr>,
+}
+
+impl NodeArgs {
+    /// The config file (or defaults) with flags and environment applied on top.
+    pub fn resolve(&self) -> anyhow::Result<NodeConfig> {
+        let mut c = match &self.config {
+            Some(p) => NodeConfig::load(p)?,
+            None => NodeConfig::default(),
+        };
+        if let Some(d) = &self.data_dir {
+            c.data_dir = d.clone();
+        }
+        if !self.listen.is_empty() {
+            c.listen = self.listen.clone();
+        }
+        if !self.bootstrap.is_empty() {
+            c.bootstrap = self.bootstrap.clone();
+        }
+        if let Some(h) = &self.http {
+            c.http = match h.as_str() {
+                "off" | "none" | "" => None,
+                s => Some(s.parse::<SocketAddr>().with_context(|| format!("--http {s:?} is not an address like 127.0.0.1:8700"))?),
+            };
+        }
+        if let Some(r) = self.reachability {
+            c.reachability = r;
+        }
+        if !self.relays.is_empty() {
+            c.relays = self.relays.clone();
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+impl Cli {
+    /// The log filter to use: the flag, or a default that suits the command.
+    pub fn log_filter(&self) -> String {
+        match (&self.log, &self.command) {
+            (Some(l), _) => l.clone(),
+            (None, Command::Node(_)) => "info".into(),
+            (None, _) => "warn".into(),
+        }
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Node(args) => run_node(args).await,
+        Command::Keygen { out, force } => {
+            if out.exists() && !force {
+                bail!("{} exists; pass --force to replace it (this changes the node's identity)", out.display());
+            }
+            let key = libp2p::identity::Keypair::generate_ed25519();
+            crate::identity::write(&out, &key)?;
+            println!("{}", key.public().to_peer_id());
+            Ok(())
+        }
+        Command::Dht { command } => dht(command).await,
+        Command::Peers(api) => {
+            let peers: Vec<PeerSummary> = api_get(&api.api, "/api/peers").await?;
+            if api.json {
+                println!("{}", serde_json::to_string_pretty(&peers)?);
+            } else {
+                println!("{:<54} {:>8} {:>6} {:<22} address", "peer", "rtt ms", "dht", "agent");
+                for p in peers {
+                    println!(
+                        "{:<54} {:>8} {:>6} {:<22} {}",
+                        p.peer_id,
+                        p.rtt_ms.map_or("-".into(), |r| format!("{r:.1}")),
+                        if p.dht_server { "server" } else { "client" },
+                        p.agent.unwrap_or_default(),
+                        p.addresses.first().cloned().unwrap_or_default()
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Status(api) => {
+            let s: NodeStatus = api_get(&api.api, "/api/status").await?;
+            if api.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("peer id      {}\nagent        {}\nuptime       {} s", s.peer_id, s.agent, s.uptime_s);
+                println!("dht mode     {}\npeers        {} connected, {} in routing table", s.dht_mode, s.connected_peers, s.routing_table_peers);
+                println!("dht store    {} entries, {} bytes", s.dht_entries, s.dht_bytes);
+                println!("listening    {}", s.listen_addrs.join(" "));
+                println!("offences     {} (banned: {})", s.offences, s.banned_peers.len());
+            }
+            Ok(())
+        }
+        Command::Ping { peer, api } => {
+            let v: serde_json::Value = api_send(reqwest::Client::new().post(format!("{}/api/ping/{peer}", api.api))).await?;
+            if api.json {
+                println!("{v}");
+            } else {
+                println!("{peer}: {:.2} ms", v["rtt_ms"].as_f64().unwrap_or(f64::NAN));
+            }
+            Ok(())
+        }
+        Command::Demo(args) => crate::demo::run(args).await,
+        Command::Bench { suite: BenchSuite::Dht(args) } => crate::bench::dht::run(args).await,
+    }
+}
+
+async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let config = args.resolve()?;
+    let node = Node::start(config).await?;
+    println!("peer id: {}", node.peer_id());
+    for a in node.dial_addrs().await? {
+        println!("listening: {a}");
+    }
+    if let Some(h) = node.http_addr {
+        println!("http api: http://{h}");
+    }
+    let cancel = node.cancel_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received, shutting down");
+        cancel.cancel();
+    });
+    node.wait().await;
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn dht(cmd: DhtCommand) -> anyhow::Result<()> {
+    match cmd {
+        DhtCommand::Put { key, value, subkey, ttl, api } => {
+            let body = PutBody { value, subkey, ttl_s: ttl };
+            let report: serde_json::Value =
+                api_send(reqwest::Client::new().put(format!("{}/api/dht/{key}", api.api)).json(&body)).await?;
+            if api.json {
+                println!("{report}");
+            } else {
+                let n = report["stored"].as_array().map_or(0, |a| a.len());
+                println!("stored {key} on {n} node(s)");
+            }
+            Ok(())
+        }
+        DhtCommand::Get { key, api } => {
+            let view: GetView = api_get(&api.api, &format!("/api/dht/{key}")).await?;
+            if api.json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::to_value(&view.entries)?)?);
+            } else {
+                if view.entries.is_empty() {
+                    println!("{key}: nothing (asked {} node(s), {} answered)", view.asked, view.answered);
+                }
+                let now = crate::clock::now_ms();
+                for e in view.entries {
+                    let ttl = e.expires_at_ms.saturating_sub(now) / 1000;
+                    println!("{:<40} {:<40} ttl {ttl:>5} s", e.subkey, e.value.unwrap_or_else(|| format!("0x{}", e.value_hex)));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn api_get<T: serde::de::DeserializeOwned>(base: &str, path: &str) -> anyhow::Result<T> {
+    api_send(reqwest::Client::new().get(format!("{base}{path}"))).await
+}
+
+async fn api_send<T: serde::de::DeserializeOwned>(req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+    let resp = req
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .context("cannot reach the node's HTTP API (is `colony node` running? see --api)")?;
+    let status = resp.status();
+    let body = resp.text().await.context("cannot read the API's answer")?;
+    if !status.is_success() {
+        let msg = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or(body);
+        bail!("the node answered {status}: {msg}");
+    }
+    serde_json::from_str(&body).with_context(|| format!("unexpected answer from the API: {body}"))
+}

@@ -1,0 +1,156 @@
+//! The node's HTTP API (JSON). Loopback by default. The CLI's `dht`, `peers` and `status`
+//! commands are clients of this API.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use colony_protocol::{DhtEntry, DhtKey, Subkey};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::handle::{NodeHandle, StoreReport};
+
+/// Binds `addr` and serves the API until `cancel` fires. Returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    handle: NodeHandle,
+    cancel: CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind the HTTP API to {addr}"))?;
+    let bound = listener.local_addr()?;
+    let app = router(handle);
+    tasks.spawn(async move {
+        let shutdown = async move { cancel.cancelled().await };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            tracing::warn!("http server stopped: {e}");
+        }
+    });
+    Ok(bound)
+}
+
+pub fn router(handle: NodeHandle) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/status", get(status))
+        .route("/api/peers", get(peers))
+        .route("/api/dht/{*key}", get(dht_get).put(dht_put))
+        .route("/api/ping/{peer}", post(ping))
+        .with_state(handle)
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn bad_request(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, e.to_string())
+}
+
+fn unavailable(e: anyhow::Error) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))
+}
+
+async fn status(State(h): State<NodeHandle>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(h.status().await.map_err(unavailable)?))
+}
+
+async fn peers(State(h): State<NodeHandle>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(h.peers().await.map_err(unavailable)?))
+}
+
+/// One entry as JSON: the value as text when it is UTF-8, and always as hex.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EntryView {
+    pub subkey: String,
+    pub owner: Option<String>,
+    pub value: Option<String>,
+    pub value_hex: String,
+    pub expires_at_ms: u64,
+}
+
+impl From<&DhtEntry> for EntryView {
+    fn from(e: &DhtEntry) -> Self {
+        Self {
+            subkey: e.subkey.to_string(),
+            owner: match &e.subkey {
+                Subkey::Owner(pk) => crate::handle::peer_id_of(pk).ok().map(|p| p.to_string()),
+                Subkey::Plain(_) => None,
+            },
+            value: String::from_utf8(e.value.clone()).ok(),
+            value_hex: hex::encode(&e.value),
+            expires_at_ms: e.expires_at_ms,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GetView {
+    pub key: String,
+    pub entries: Vec<EntryView>,
+    pub asked: usize,
+    pub answered: usize,
+}
+
+async fn dht_get(State(h): State<NodeHandle>, Path(key): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    let key = DhtKey::new(key).map_err(bad_request)?;
+    let got = h.dht_get(&key).await.map_err(unavailable)?;
+    Ok(Json(GetView {
+        key: key.to_string(),
+        entries: got.entries.iter().map(EntryView::from).collect(),
+        asked: got.asked,
+        answered: got.answered,
+    }))
+}
+
+/// Body of `PUT /api/dht/{key}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PutBody {
+    /// The value, as text.
+    pub value: String,
+    /// A plain subkey; when absent the entry is owned by (and signed with) this node's key.
+    pub subkey: Option<String>,
+    /// Seconds until the entry expires.
+    #[serde(default = "default_ttl")]
+    pub ttl_s: u64,
+}
+
+fn default_ttl() -> u64 {
+    300
+}
+
+async fn dht_put(
+    State(h): State<NodeHandle>,
+    Path(key): Path<String>,
+    Json(body): Json<PutBody>,
+) -> Result<Json<StoreReport>, ApiError> {
+    let key = DhtKey::new(key).map_err(bad_request)?;
+    let ttl = Duration::from_secs(body.ttl_s);
+    let value = body.value.into_bytes();
+    let report = match body.subkey {
+        Some(sk) => h.dht_put(key, sk.into_bytes(), value, ttl).await,
+        None => h.dht_put_owned(key, value, ttl).await,
+    };
+    Ok(Json(report.map_err(|e| {
+        if e.downcast_ref::<colony_protocol::RecordError>().is_some() { bad_request(format!("{e:#}")) } else { unavailable(e) }
+    })?))
+}
+
+async fn ping(State(h): State<NodeHandle>, Path(peer): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    let peer = peer.parse().map_err(|e| bad_request(format!("bad peer id {peer:?}: {e}")))?;
+    let rtt = h.ping(peer).await.map_err(unavailable)?;
+    Ok(Json(serde_json::json!({ "peer": peer.to_string(), "rtt_ms": rtt.as_secs_f64() * 1e3 })))
+}

@@ -1,0 +1,24 @@
+//! The Colony node: a libp2p swarm (Kademlia, gossipsub, request-response, identify, ping,
+//! AutoNAT, relay, DCUtR over QUIC and TCP) owned by one actor, a DHT with hivemind's
+//! semantics on top of it, the HTTP API, and the `colony` command line.
+//!
+//! This crate wires libraries to the network. It holds no model maths: training, inference
+//! and routing live in their own crates and reach the network only through here.
+
+pub mod bench;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod dht;
+pub mod handle;
+pub mod http;
+pub mod identity;
+pub mod local;
+pub mod node;
+pub mod storage;
+pub mod swarm;
+
+pub use config::{NodeConfig, Reachability};
+pub use handle::NodeHandle;
+pub use node::Node;

@@ -1,0 +1,236 @@
+//! Starting and stopping a whole node: key, swarm actor, HTTP API and background loops,
+//! under one cancellation token.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use colony_protocol::{DhtKey, NodeInfo};
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use crate::config::{NodeConfig, Reachability};
+use crate::dht::store::{LocalStore, StoreLimits};
+use crate::handle::NodeHandle;
+use crate::storage::{write_atomic, DataDir};
+use crate::swarm::actor::{load_snapshot, SwarmActor};
+use crate::{http, identity, swarm};
+
+/// A running node. Dropping it does not stop it; call [`Node::shutdown`].
+#[derive(Debug)]
+pub struct Node {
+    pub handle: NodeHandle,
+    pub http_addr: Option<SocketAddr>,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+/// What a running node writes to `node.json` in its data directory, for scripts and tests.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct NodeFile {
+    pub peer_id: String,
+    pub listen_addrs: Vec<String>,
+    pub http: Option<String>,
+    pub pid: u32,
+}
+
+impl Node {
+    /// Starts a node with the key stored in its data directory (created on first start).
+    pub async fn start(config: NodeConfig) -> anyhow::Result<Self> {
+        let data = DataDir::new(&config.data_dir);
+        std::fs::create_dir_all(data.root())
+            .with_context(|| format!("cannot create data directory {}", data.root().display()))?;
+        let key = identity::load_or_create(&data.node_key())?;
+        Self::start_with_key(config, key).await
+    }
+
+    pub async fn start_with_key(config: NodeConfig, key: Keypair) -> anyhow::Result<Self> {
+        config.validate()?;
+        let data = DataDir::new(&config.data_dir);
+        std::fs::create_dir_all(data.root())
+            .with_context(|| format!("cannot create data directory {}", data.root().display()))?;
+        let peer_id = key.public().to_peer_id();
+        let signer = identity::signing_key(&key)?;
+        let mut swarm = swarm::build(key, &config)?;
+
+        if config.reachability != Reachability::Private {
+            for addr in &config.listen {
+                swarm.listen_on(addr.clone()).with_context(|| format!("cannot listen on {addr}"))?;
+            }
+        }
+        for addr in &config.bootstrap {
+            if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+                swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            }
+            if let Err(e) = swarm.dial(addr.clone()) {
+                warn!(%addr, "cannot dial bootstrap peer: {e}");
+            }
+        }
+        if config.reachability == Reachability::Private {
+            let relays = if config.relays.is_empty() { &config.bootstrap } else { &config.relays };
+            for relay in relays {
+                let circuit = relay.clone().with(Protocol::P2pCircuit);
+                swarm.listen_on(circuit.clone()).with_context(|| format!("cannot listen through relay {relay}"))?;
+            }
+        }
+
+        let mut store = LocalStore::new(StoreLimits {
+            max_keys: config.limits.dht_max_keys,
+            max_total_bytes: config.limits.dht_max_bytes,
+        });
+        load_snapshot(&data, &mut store);
+
+        let (tx, rx) = mpsc::channel(1024);
+        let (gossip_tx, _) = broadcast::channel(1024);
+        let handle = NodeHandle::new(tx, gossip_tx.clone(), peer_id, signer, config.dht.clone());
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+
+        let actor = SwarmActor::new(swarm, rx, gossip_tx, store, data.clone(), config.services.clone());
+        let span = tracing::info_span!("swarm", peer = %short(&peer_id));
+        tasks.spawn(actor.run(cancel.clone()).instrument(span));
+
+        let http_addr = match config.http {
+            Some(addr) => Some(http::serve(addr, handle.clone(), cancel.clone(), &mut tasks).await?),
+            None => None,
+        };
+
+        spawn_loops(&config, &handle, &cancel, &mut tasks);
+
+        // Wait until listeners are up so node.json and the caller see real addresses.
+        let listen = wait_for_listeners(&handle, &config).await;
+        let file = NodeFile {
+            peer_id: peer_id.to_string(),
+            listen_addrs: listen.iter().map(|a| a.to_string()).collect(),
+            http: http_addr.map(|a| a.to_string()),
+            pid: std::process::id(),
+        };
+        write_atomic(&data.node_info(), &serde_json::to_vec_pretty(&file)?, 0o644)?;
+        info!(%peer_id, listen = ?file.listen_addrs, http = ?file.http, "node started");
+        Ok(Self { handle, http_addr, cancel, tasks })
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.handle.peer_id()
+    }
+
+    /// Addresses others can dial this node at, each ending in `/p2p/<peer id>`.
+    pub async fn dial_addrs(&self) -> anyhow::Result<Vec<Multiaddr>> {
+        let id = self.peer_id();
+        Ok(self.handle.listen_addrs().await?.into_iter().map(|a| a.with(Protocol::P2p(id))).collect())
+    }
+
+    /// A token that stops this node when cancelled (for signal handlers).
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stops every task (the actor writes its snapshot) and waits for them.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Waits until the node is stopped through its cancel token.
+    pub async fn wait(mut self) {
+        self.cancel.cancelled().await;
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Aborts every task without a graceful shutdown (for crash tests in-process).
+    pub fn kill(mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+fn short(p: &PeerId) -> String {
+    let s = p.to_string();
+    s[s.len().saturating_sub(6)..].to_owned()
+}
+
+async fn wait_for_listeners(handle: &NodeHandle, config: &NodeConfig) -> Vec<Multiaddr> {
+    let want = if config.reachability == Reachability::Private { 0 } else { config.listen.len() };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let addrs = handle.listen_addrs().await.unwrap_or_default();
+        if addrs.len() >= want || tokio::time::Instant::now() > deadline {
+            return addrs;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Background work: announcing this node's info record and re-replicating held entries.
+fn spawn_loops(config: &NodeConfig, handle: &NodeHandle, cancel: &CancellationToken, tasks: &mut JoinSet<()>) {
+    let announce = config.dht.announce_interval_s;
+    if announce > 0 {
+        let (h, c, services) = (handle.clone(), cancel.clone(), config.services.clone());
+        let reachable = config.reachability != Reachability::Private;
+        tasks.spawn(async move {
+            let started = std::time::Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(announce));
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = c.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = announce_self(&h, &services, reachable, started, announce).await {
+                    tracing::debug!("announce failed: {e:#}");
+                }
+            }
+        });
+    }
+    let replicate = config.dht.replicate_interval_s;
+    if replicate > 0 {
+        let (h, c) = (handle.clone(), cancel.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(replicate));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = c.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                match h.replicate().await {
+                    Ok(n) => tracing::debug!(pushes = n, "replicated held entries"),
+                    Err(e) => tracing::debug!("replication failed: {e:#}"),
+                }
+            }
+        });
+    }
+}
+
+async fn announce_self(
+    h: &NodeHandle,
+    services: &[String],
+    reachable: bool,
+    started: std::time::Instant,
+    interval_s: u64,
+) -> anyhow::Result<()> {
+    let id = h.peer_id();
+    let listen_addrs = h
+        .listen_addrs()
+        .await?
+        .into_iter()
+        .map(|a| if a.iter().any(|p| matches!(p, Protocol::P2p(_)) ) && a.iter().last() == Some(Protocol::P2p(id)) { a } else { a.with(Protocol::P2p(id)) })
+        .map(|a| a.to_string())
+        .collect();
+    let info = NodeInfo {
+        agent: swarm::AGENT.into(),
+        services: services.to_vec(),
+        listen_addrs,
+        reachable,
+        uptime_s: started.elapsed().as_secs(),
+    };
+    let value = colony_protocol::encode(&info, colony_protocol::names::MAX_VALUE_BYTES)?;
+    h.dht_put_owned(DhtKey::node_info(&id.to_string())?, value, Duration::from_secs(interval_s * 3)).await?;
+    Ok(())
+}

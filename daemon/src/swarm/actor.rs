@@ -1,0 +1,505 @@
+//! The swarm actor: owns the `Swarm`, serves inbound RPCs from the local DHT store, and runs
+//! commands from [`NodeHandle`](crate::handle::NodeHandle)s.
+//!
+//! Cancel-safety: the loop `select!`s the cancellation token first; on cancellation it writes
+//! the DHT snapshot and returns, dropping the swarm (which closes every connection).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use colony_protocol::names::MAX_ENTRIES_PER_STORE;
+use colony_protocol::{DhtEntry, DhtKey, NodeInfo, Request, Response, StoreOutcome};
+use futures::StreamExt;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{gossipsub, identify, kad, ping, request_response, Multiaddr, PeerId, Swarm};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::penalty::{Penalties, Verdict};
+use super::{Behaviour, BehaviourEvent, AGENT};
+use crate::clock::now_ms;
+use crate::dht::store::{LocalStore, StoreError, StoreSnapshot};
+use crate::storage::{write_atomic, DataDir};
+
+/// Why an RPC to a peer failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RpcFailure {
+    #[error("peer {peer}: {reason}")]
+    Failed { peer: PeerId, reason: String },
+    #[error("the node is shutting down")]
+    Shutdown,
+}
+
+/// A peer we are connected to, as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerSummary {
+    pub peer_id: String,
+    pub addresses: Vec<String>,
+    pub agent: Option<String>,
+    pub rtt_ms: Option<f64>,
+    pub dht_server: bool,
+    pub relayed: bool,
+    pub strikes: u32,
+}
+
+/// The node as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub peer_id: String,
+    pub agent: String,
+    pub listen_addrs: Vec<String>,
+    pub external_addrs: Vec<String>,
+    pub connected_peers: usize,
+    pub routing_table_peers: usize,
+    pub dht_mode: String,
+    pub dht_entries: usize,
+    pub dht_bytes: usize,
+    pub banned_peers: Vec<String>,
+    pub offences: u64,
+    pub uptime_s: u64,
+    pub services: Vec<String>,
+}
+
+/// A gossip message delivered to subscribers.
+#[derive(Clone, Debug)]
+pub struct GossipMessage {
+    pub topic: String,
+    pub source: Option<PeerId>,
+    pub data: Vec<u8>,
+}
+
+/// The result of a closest-peers lookup.
+#[derive(Debug, Default)]
+pub struct Closest {
+    /// Peers closest to the key, closest first, with addresses to reach them.
+    pub peers: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// Whether this node itself is a DHT server (and so may hold entries for others).
+    pub self_server: bool,
+}
+
+/// The closed set of things a handle can ask of the actor.
+#[derive(Debug)]
+pub enum Command {
+    ClosestPeers { key: Vec<u8>, reply: oneshot::Sender<Closest> },
+    Rpc { peer: PeerId, addrs: Vec<Multiaddr>, request: Request, reply: oneshot::Sender<Result<Response, RpcFailure>> },
+    LocalPut { entries: Vec<DhtEntry>, reply: oneshot::Sender<Vec<StoreOutcome>> },
+    LocalGet { key: DhtKey, reply: oneshot::Sender<Vec<DhtEntry>> },
+    /// Held entries grouped by key, with the closest peers from the local routing table.
+    ReplicationPlan { per_key: usize, reply: oneshot::Sender<Vec<(Vec<DhtEntry>, Vec<PeerId>)>> },
+    Offence { peer: PeerId, reason: String },
+    Status { reply: oneshot::Sender<NodeStatus> },
+    Peers { reply: oneshot::Sender<Vec<PeerSummary>> },
+    Dial { addr: Multiaddr, reply: oneshot::Sender<Result<(), String>> },
+    ListenAddrs { reply: oneshot::Sender<Vec<Multiaddr>> },
+    Subscribe { topic: String, reply: oneshot::Sender<Result<(), String>> },
+    Publish { topic: String, data: Vec<u8>, reply: oneshot::Sender<Result<(), String>> },
+}
+
+#[derive(Default)]
+struct PeerState {
+    addresses: Vec<Multiaddr>,
+    agent: Option<String>,
+    rtt: Option<Duration>,
+    dht_server: bool,
+    relayed: bool,
+    connections: u32,
+}
+
+#[allow(missing_debug_implementations)] // holds the swarm, which is not Debug
+pub struct SwarmActor {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    gossip_tx: broadcast::Sender<GossipMessage>,
+    store: LocalStore,
+    penalties: Penalties,
+    pending_rpc: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Response, RpcFailure>>>,
+    pending_closest: HashMap<kad::QueryId, oneshot::Sender<Closest>>,
+    peers: HashMap<PeerId, PeerState>,
+    data_dir: DataDir,
+    services: Vec<String>,
+    started: Instant,
+    bootstrapped: bool,
+}
+
+impl SwarmActor {
+    pub fn new(
+        swarm: Swarm<Behaviour>,
+        commands: mpsc::Receiver<Command>,
+        gossip_tx: broadcast::Sender<GossipMessage>,
+        store: LocalStore,
+        data_dir: DataDir,
+        services: Vec<String>,
+    ) -> Self {
+        Self {
+            swarm,
+            commands,
+            gossip_tx,
+            store,
+            penalties: Penalties::default(),
+            pending_rpc: HashMap::new(),
+            pending_closest: HashMap::new(),
+            peers: HashMap::new(),
+            data_dir,
+            services,
+            started: Instant::now(),
+            bootstrapped: false,
+        }
+    }
+
+    /// Runs until `cancel` fires, then persists state and returns.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                Some(cmd) = self.commands.recv() => self.on_command(cmd),
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                _ = tick.tick() => self.housekeeping(),
+            }
+        }
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let snap = self.store.snapshot(now_ms());
+        let path = self.data_dir.dht_snapshot();
+        match colony_protocol::codec::encode_file(&snap).map_err(anyhow::Error::from).and_then(|b| write_atomic(&path, &b, 0o600)) {
+            Ok(()) => info!(entries = snap.entries.len(), path = %path.display(), "dht snapshot written"),
+            Err(e) => warn!(path = %path.display(), "cannot write dht snapshot: {e:#}"),
+        }
+        for (_, reply) in self.pending_rpc.drain() {
+            let _ = reply.send(Err(RpcFailure::Shutdown));
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        for peer in self.penalties.expire(now) {
+            info!(%peer, "ban expired");
+            self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+        }
+        self.store.purge_expired(now_ms());
+    }
+
+    fn offence(&mut self, peer: PeerId, reason: &str) {
+        match self.penalties.offence(peer, Instant::now()) {
+            Verdict::Warned { strikes } => warn!(%peer, strikes, "peer misbehaved: {reason}"),
+            Verdict::Banned { .. } => {
+                warn!(%peer, "peer banned after repeated misbehaviour; last: {reason}");
+                self.swarm.behaviour_mut().blocked.block_peer(peer);
+                self.swarm.behaviour_mut().kad.remove_peer(&peer);
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::ClosestPeers { key, reply } => {
+                let id = self.swarm.behaviour_mut().kad.get_closest_peers(key);
+                self.pending_closest.insert(id, reply);
+            }
+            Command::Rpc { peer, addrs, request, reply } => {
+                if peer == *self.swarm.local_peer_id() {
+                    let _ = reply.send(Ok(self.serve(peer, request)));
+                    return;
+                }
+                let id = self.swarm.behaviour_mut().rpc.send_request_with_addresses(&peer, request, addrs);
+                self.pending_rpc.insert(id, reply);
+            }
+            Command::LocalPut { entries, reply } => {
+                let outcomes = self.put_entries(None, entries);
+                let _ = reply.send(outcomes);
+            }
+            Command::LocalGet { key, reply } => {
+                let _ = reply.send(self.store.get(&key, now_ms()));
+            }
+            Command::ReplicationPlan { per_key, reply } => {
+                let now = now_ms();
+                let keys: Vec<DhtKey> = self.store.keys().cloned().collect();
+                let plan = keys
+                    .into_iter()
+                    .map(|k| {
+                        let target = kad::KBucketKey::new(k.as_str().as_bytes().to_vec());
+                        let peers = self
+                            .swarm
+                            .behaviour_mut()
+                            .kad
+                            .get_closest_local_peers(&target)
+                            .take(per_key)
+                            .map(|p| *p.preimage())
+                            .collect();
+                        (self.store.get(&k, now), peers)
+                    })
+                    .collect();
+                let _ = reply.send(plan);
+            }
+            Command::Offence { peer, reason } => self.offence(peer, &reason),
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Command::Peers { reply } => {
+                let list = self
+                    .peers
+                    .iter()
+                    .map(|(id, s)| PeerSummary {
+                        peer_id: id.to_string(),
+                        addresses: s.addresses.iter().map(|a| a.to_string()).collect(),
+                        agent: s.agent.clone(),
+                        rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1e3),
+                        dht_server: s.dht_server,
+                        relayed: s.relayed,
+                        strikes: self.penalties.strikes(id),
+                    })
+                    .collect();
+                let _ = reply.send(list);
+            }
+            Command::Dial { addr, reply } => {
+                if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                }
+                let _ = reply.send(self.swarm.dial(addr).map_err(|e| e.to_string()));
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Subscribe { topic, reply } => {
+                let t = gossipsub::IdentTopic::new(topic);
+                let r = self.swarm.behaviour_mut().gossip.subscribe(&t).map(|_| ()).map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            Command::Publish { topic, data, reply } => {
+                let t = gossipsub::IdentTopic::new(topic);
+                let r = self.swarm.behaviour_mut().gossip.publish(t, data).map(|_| ()).map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    fn status(&mut self) -> NodeStatus {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let routing_table_peers = kad.kbuckets().map(|b| b.num_entries()).sum();
+        let dht_mode = kad.mode().to_string();
+        NodeStatus {
+            peer_id: self.swarm.local_peer_id().to_string(),
+            agent: AGENT.into(),
+            listen_addrs: self.swarm.listeners().map(|a| a.to_string()).collect(),
+            external_addrs: self.swarm.external_addresses().map(|a| a.to_string()).collect(),
+            connected_peers: self.swarm.connected_peers().count(),
+            routing_table_peers,
+            dht_mode,
+            dht_entries: self.store.len(),
+            dht_bytes: self.store.total_bytes(),
+            banned_peers: self.penalties.banned().map(|p| p.to_string()).collect(),
+            offences: self.penalties.total_offences(),
+            uptime_s: self.started.elapsed().as_secs(),
+            services: self.services.clone(),
+        }
+    }
+
+    /// Stores entries from `from` (None = this node) and penalises forged ones.
+    fn put_entries(&mut self, from: Option<PeerId>, entries: Vec<DhtEntry>) -> Vec<StoreOutcome> {
+        let now = now_ms();
+        let mut forged = None;
+        let outcomes = entries
+            .into_iter()
+            .map(|e| match self.store.put(e, now) {
+                Ok(o) => o,
+                Err(err) => {
+                    if matches!(&err, StoreError::Invalid(r) if is_forgery(r)) {
+                        forged = Some(err.to_string());
+                    }
+                    StoreOutcome::Refused(err.to_string())
+                }
+            })
+            .collect();
+        if let (Some(peer), Some(reason)) = (from, forged) {
+            self.offence(peer, &format!("sent a forged dht entry: {reason}"));
+        }
+        outcomes
+    }
+
+    /// Answers one inbound request.
+    fn serve(&mut self, peer: PeerId, request: Request) -> Response {
+        debug!(%peer, kind = request.kind(), "rpc request");
+        match request {
+            Request::Ping { nonce, payload } => Response::Pong { nonce, payload },
+            Request::NodeInfo => Response::NodeInfo(NodeInfo {
+                agent: AGENT.into(),
+                services: self.services.clone(),
+                listen_addrs: self.swarm.listeners().map(|a| a.to_string()).collect(),
+                reachable: self.swarm.behaviour().kad.mode() == kad::Mode::Server,
+                uptime_s: self.started.elapsed().as_secs(),
+            }),
+            Request::DhtStore { entries } if entries.len() > MAX_ENTRIES_PER_STORE => {
+                self.offence(peer, "store request with too many entries");
+                Response::error(colony_protocol::rpc::RpcErrorCode::TooLarge, format!("at most {MAX_ENTRIES_PER_STORE} entries per store"))
+            }
+            Request::DhtStore { entries } => Response::DhtStored { outcomes: self.put_entries(Some(peer), entries) },
+            Request::DhtFind { key } => Response::DhtFound { entries: self.store.get(&key, now_ms()) },
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                if self.swarm.behaviour().kad.mode() == kad::Mode::Server && is_dialable(&address) {
+                    self.swarm.add_external_address(address);
+                }
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                let addr = endpoint.get_remote_address().clone();
+                debug!(peer = %peer_id, %addr, "connected");
+                let st = self.peers.entry(peer_id).or_default();
+                st.connections += 1;
+                st.relayed = endpoint.is_relayed();
+                if !st.addresses.contains(&addr) {
+                    st.addresses.push(addr);
+                }
+                if !self.bootstrapped {
+                    self.bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+                if num_established == 0 {
+                    self.peers.remove(&peer_id);
+                } else if let Some(st) = self.peers.get_mut(&peer_id) {
+                    st.connections = num_established;
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(?peer_id, "outgoing connection failed: {error}");
+            }
+            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+                debug!(%send_back_addr, "incoming connection failed: {error}");
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => info!(%address, "external address confirmed"),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, ev: BehaviourEvent) {
+        match ev {
+            BehaviourEvent::Rpc(ev) => self.on_rpc_event(ev),
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
+                if let kad::QueryResult::GetClosestPeers(r) = result {
+                    let peers = match r {
+                        Ok(ok) => ok.peers,
+                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                    };
+                    if let Some(reply) = self.pending_closest.remove(&id) {
+                        let self_server = self.swarm.behaviour().kad.mode() == kad::Mode::Server;
+                        let peers = peers.into_iter().map(|p| (p.peer_id, p.addrs)).collect();
+                        let _ = reply.send(Closest { peers, self_server });
+                    } else if !step.last {
+                        debug!(?id, "closest-peers progress for an unknown query");
+                    }
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }) => {
+                debug!(%peer, "routing table updated");
+            }
+            BehaviourEvent::Kad(_) => {}
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                let kad_proto = libp2p::StreamProtocol::new(colony_protocol::names::KAD_PROTOCOL);
+                let is_server = info.protocols.contains(&kad_proto);
+                if is_server {
+                    for addr in info.listen_addrs.iter().filter(|a| is_dialable(a)) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
+                    }
+                }
+                let st = self.peers.entry(peer_id).or_default();
+                st.agent = Some(info.agent_version);
+                st.dht_server = is_server;
+            }
+            BehaviourEvent::Identify(_) => {}
+            BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. }) => {
+                if let Some(st) = self.peers.get_mut(&peer) {
+                    st.rtt = Some(rtt);
+                }
+            }
+            BehaviourEvent::Ping(_) => {}
+            BehaviourEvent::Gossip(gossipsub::Event::Message { message, .. }) => {
+                let _ = self.gossip_tx.send(GossipMessage {
+                    topic: message.topic.into_string(),
+                    source: message.source,
+                    data: message.data,
+                });
+            }
+            BehaviourEvent::Gossip(_) => {}
+            BehaviourEvent::RelayClient(ev) => info!(?ev, "relay client"),
+            BehaviourEvent::RelayServer(ev) => debug!(?ev, "relay server"),
+            BehaviourEvent::Dcutr(ev) => info!(?ev, "hole punching"),
+            BehaviourEvent::Autonat(ev) => debug!(?ev, "autonat"),
+            BehaviourEvent::Blocked(_) | BehaviourEvent::Limits(_) => {}
+        }
+    }
+
+    fn on_rpc_event(&mut self, ev: request_response::Event<Request, Response>) {
+        use request_response::{Event, InboundFailure, Message};
+        match ev {
+            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
+                let response = self.serve(peer, request);
+                if self.swarm.behaviour_mut().rpc.send_response(channel, response).is_err() {
+                    debug!(%peer, "response not sent: stream closed");
+                }
+            }
+            Event::Message { message: Message::Response { request_id, response }, .. } => {
+                if let Some(reply) = self.pending_rpc.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure { peer, request_id, error, .. } => {
+                if matches!(&error, request_response::OutboundFailure::Io(e) if e.kind() == std::io::ErrorKind::InvalidData) {
+                    self.offence(peer, &format!("sent a malformed response: {error}"));
+                }
+                if let Some(reply) = self.pending_rpc.remove(&request_id) {
+                    let _ = reply.send(Err(RpcFailure::Failed { peer, reason: error.to_string() }));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => match &error {
+                InboundFailure::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    self.offence(peer, &format!("sent a malformed request: {e}"));
+                }
+                InboundFailure::Timeout => self.offence(peer, "opened an rpc stream and did not finish its request in time"),
+                other => debug!(%peer, "inbound rpc failed: {other}"),
+            },
+            Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+fn is_forgery(e: &colony_protocol::RecordError) -> bool {
+    use colony_protocol::RecordError::*;
+    matches!(e, Signature { .. } | MissingSignature { .. } | UnexpectedSignature { .. } | ValueTooLarge { .. } | SubkeyTooLarge { .. })
+}
+
+/// Whether an address can be dialled by others (not unspecified, not a relay circuit).
+fn is_dialable(addr: &Multiaddr) -> bool {
+    !addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        Protocol::P2pCircuit => true,
+        _ => false,
+    })
+}
+
+/// Reads a snapshot written by a previous run; a corrupt file is reported and ignored (the
+/// entries will come back from other replicas), never fatal.
+pub fn load_snapshot(data_dir: &DataDir, store: &mut LocalStore) {
+    let path = data_dir.dht_snapshot();
+    let Ok(bytes) = std::fs::read(&path) else { return };
+    match colony_protocol::codec::decode_file::<StoreSnapshot>(&bytes) {
+        Ok(snap) => {
+            let n = snap.entries.len();
+            let refused = store.restore(snap, now_ms());
+            info!(path = %path.display(), restored = n - refused, refused, "dht snapshot loaded");
+        }
+        Err(e) => warn!(path = %path.display(), "ignoring corrupt dht snapshot: {e}"),
+    }
+}
