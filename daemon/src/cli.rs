@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use libp2p::Multiaddr;
 
@@ -14,7 +14,11 @@ use crate::node::Node;
 use crate::swarm::actor::{NodeStatus, PeerSummary};
 
 #[derive(Debug, Parser)]
-#[command(name = "colony", version, about = "Colony: a peer-to-peer volunteer compute node")]
+#[command(
+    name = "colony",
+    version,
+    about = "Colony: a peer-to-peer volunteer compute node"
+)]
 pub struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. "info" or "colony_daemon=debug".
     /// Default: "info" for `node`, "warn" for everything else.
@@ -142,7 +146,9 @@ impl NodeArgs {
         if let Some(h) = &self.http {
             c.http = match h.as_str() {
                 "off" | "none" | "" => None,
-                s => Some(s.parse::<SocketAddr>().with_context(|| format!("--http {s:?} is not an address like 127.0.0.1:8700"))?),
+                s => Some(s.parse::<SocketAddr>().with_context(|| {
+                    format!("--http {s:?} is not an address like 127.0.0.1:8700")
+                })?),
             };
         }
         if let Some(r) = self.reachability {
@@ -172,7 +178,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(args) => run_node(args).await,
         Command::Keygen { out, force } => {
             if out.exists() && !force {
-                bail!("{} exists; pass --force to replace it (this changes the node's identity)", out.display());
+                bail!(
+                    "{} exists; pass --force to replace it (this changes the node's identity)",
+                    out.display()
+                );
             }
             let key = libp2p::identity::Keypair::generate_ed25519();
             crate::identity::write(&out, &key)?;
@@ -185,7 +194,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if api.json {
                 println!("{}", serde_json::to_string_pretty(&peers)?);
             } else {
-                println!("{:<54} {:>8} {:>6} {:<22} address", "peer", "rtt ms", "dht", "agent");
+                println!(
+                    "{:<54} {:>8} {:>6} {:<22} address",
+                    "peer", "rtt ms", "dht", "agent"
+                );
                 for p in peers {
                     println!(
                         "{:<54} {:>8} {:>6} {:<22} {}",
@@ -204,16 +216,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if api.json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!("peer id      {}\nagent        {}\nuptime       {} s", s.peer_id, s.agent, s.uptime_s);
-                println!("dht mode     {}\npeers        {} connected, {} in routing table", s.dht_mode, s.connected_peers, s.routing_table_peers);
-                println!("dht store    {} entries, {} bytes", s.dht_entries, s.dht_bytes);
+                println!(
+                    "peer id      {}\nagent        {}\nuptime       {} s",
+                    s.peer_id, s.agent, s.uptime_s
+                );
+                println!(
+                    "dht mode     {}\npeers        {} connected, {} in routing table",
+                    s.dht_mode, s.connected_peers, s.routing_table_peers
+                );
+                println!(
+                    "dht store    {} entries, {} bytes",
+                    s.dht_entries, s.dht_bytes
+                );
                 println!("listening    {}", s.listen_addrs.join(" "));
-                println!("offences     {} (banned: {})", s.offences, s.banned_peers.len());
+                println!(
+                    "offences     {} (banned: {})",
+                    s.offences,
+                    s.banned_peers.len()
+                );
             }
             Ok(())
         }
         Command::Ping { peer, api } => {
-            let v: serde_json::Value = api_send(reqwest::Client::new().post(format!("{}/api/ping/{peer}", api.api))).await?;
+            let v: serde_json::Value =
+                api_send(reqwest::Client::new().post(format!("{}/api/ping/{peer}", api.api)))
+                    .await?;
             if api.json {
                 println!("{v}");
             } else {
@@ -222,7 +249,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => crate::demo::run(args).await,
-        Command::Bench { suite: BenchSuite::Dht(args) } => crate::bench::dht::run(args).await,
+        Command::Bench {
+            suite: BenchSuite::Dht(args),
+        } => crate::bench::dht::run(args).await,
     }
 }
 
@@ -250,7 +279,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::{SignalKind, signal};
         let mut term = match signal(SignalKind::terminate()) {
             Ok(s) => s,
             Err(_) => return std::future::pending().await,
@@ -266,10 +295,24 @@ async fn wait_for_signal() {
 
 async fn dht(cmd: DhtCommand) -> anyhow::Result<()> {
     match cmd {
-        DhtCommand::Put { key, value, subkey, ttl, api } => {
-            let body = PutBody { value, subkey, ttl_s: ttl };
-            let report: serde_json::Value =
-                api_send(reqwest::Client::new().put(format!("{}/api/dht/{key}", api.api)).json(&body)).await?;
+        DhtCommand::Put {
+            key,
+            value,
+            subkey,
+            ttl,
+            api,
+        } => {
+            let body = PutBody {
+                value,
+                subkey,
+                ttl_s: ttl,
+            };
+            let report: serde_json::Value = api_send(
+                reqwest::Client::new()
+                    .put(format!("{}/api/dht/{key}", api.api))
+                    .json(&body),
+            )
+            .await?;
             if api.json {
                 println!("{report}");
             } else {
@@ -281,15 +324,25 @@ async fn dht(cmd: DhtCommand) -> anyhow::Result<()> {
         DhtCommand::Get { key, api } => {
             let view: GetView = api_get(&api.api, &format!("/api/dht/{key}")).await?;
             if api.json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::to_value(&view.entries)?)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::to_value(&view.entries)?)?
+                );
             } else {
                 if view.entries.is_empty() {
-                    println!("{key}: nothing (asked {} node(s), {} answered)", view.asked, view.answered);
+                    println!(
+                        "{key}: nothing (asked {} node(s), {} answered)",
+                        view.asked, view.answered
+                    );
                 }
                 let now = crate::clock::now_ms();
                 for e in view.entries {
                     let ttl = e.expires_at_ms.saturating_sub(now) / 1000;
-                    println!("{:<40} {:<40} ttl {ttl:>5} s", e.subkey, e.value.unwrap_or_else(|| format!("0x{}", e.value_hex)));
+                    println!(
+                        "{:<40} {:<40} ttl {ttl:>5} s",
+                        e.subkey,
+                        e.value.unwrap_or_else(|| format!("0x{}", e.value_hex))
+                    );
                 }
             }
             Ok(())
@@ -301,7 +354,9 @@ async fn api_get<T: serde::de::DeserializeOwned>(base: &str, path: &str) -> anyh
     api_send(reqwest::Client::new().get(format!("{base}{path}"))).await
 }
 
-async fn api_send<T: serde::de::DeserializeOwned>(req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+async fn api_send<T: serde::de::DeserializeOwned>(
+    req: reqwest::RequestBuilder,
+) -> anyhow::Result<T> {
     let resp = req
         .timeout(Duration::from_secs(60))
         .send()

@@ -78,7 +78,9 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from(".colony"),
             listen: vec![
                 "/ip4/0.0.0.0/tcp/4001".parse().expect("static multiaddr"),
-                "/ip4/0.0.0.0/udp/4001/quic-v1".parse().expect("static multiaddr"),
+                "/ip4/0.0.0.0/udp/4001/quic-v1"
+                    .parse()
+                    .expect("static multiaddr"),
             ],
             bootstrap: Vec::new(),
             http: Some(SocketAddr::from(([127, 0, 0, 1], 8700))),
@@ -131,21 +133,32 @@ impl NodeConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        let cfg: Self =
-            toml::from_str(&text).with_context(|| format!("config file {} is invalid", path.display()))?;
-        cfg.validate().with_context(|| format!("config file {} is invalid", path.display()))?;
+        let cfg: Self = toml::from_str(&text)
+            .with_context(|| format!("config file {} is invalid", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("config file {} is invalid", path.display()))?;
         Ok(cfg)
     }
 
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.dht.replicas >= 1, "dht.replicas must be at least 1");
-        anyhow::ensure!(self.dht.get_fanout >= 1, "dht.get_fanout must be at least 1");
-        anyhow::ensure!(self.dht.rpc_timeout_ms >= 10, "dht.rpc_timeout_ms must be at least 10");
-        anyhow::ensure!(self.limits.max_inbound_streams >= 1, "limits.max_inbound_streams must be at least 1");
+        anyhow::ensure!(
+            self.dht.get_fanout >= 1,
+            "dht.get_fanout must be at least 1"
+        );
+        anyhow::ensure!(
+            self.dht.rpc_timeout_ms >= 10,
+            "dht.rpc_timeout_ms must be at least 10"
+        );
+        anyhow::ensure!(
+            self.limits.max_inbound_streams >= 1,
+            "limits.max_inbound_streams must be at least 1"
+        );
         for b in &self.bootstrap {
             anyhow::ensure!(
-                b.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_))),
+                b.iter()
+                    .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_))),
                 "bootstrap address {b} lacks a /p2p/<peer id> suffix"
             );
         }
@@ -180,7 +193,10 @@ mod tests {
 
         std::fs::write(&p, "replicas = 3\n").unwrap();
         let err = format!("{:#}", NodeConfig::load(&p).unwrap_err());
-        assert!(err.contains("node.toml") && err.contains("unknown field"), "{err}");
+        assert!(
+            err.contains("node.toml") && err.contains("unknown field"),
+            "{err}"
+        );
 
         std::fs::write(&p, "listen = [\"not an addr\"]\n").unwrap();
         let err = format!("{:#}", NodeConfig::load(&p).unwrap_err());

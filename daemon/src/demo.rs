@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context};
+use anyhow::{Context, ensure};
 use clap::Args;
 use colony_protocol::{DhtEntry, DhtKey, Subkey};
 use serde::Serialize;
@@ -51,12 +51,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
     let http: Option<SocketAddr> = match args.http.as_str() {
         "off" => None,
-        s => Some(s.parse().with_context(|| format!("--http {s:?} is not an address"))?),
+        s => Some(
+            s.parse()
+                .with_context(|| format!("--http {s:?} is not an address"))?,
+        ),
     };
 
-    step(args.json, &format!("starting {} nodes on loopback", args.nodes));
+    step(
+        args.json,
+        &format!("starting {} nodes on loopback", args.nodes),
+    );
     let t0 = Instant::now();
-    let cfg = LocalSwarmConfig { nodes: args.nodes, first_http: http, bootstrap_from: 1, ..LocalSwarmConfig::default() };
+    let cfg = LocalSwarmConfig {
+        nodes: args.nodes,
+        first_http: http,
+        bootstrap_from: 1,
+        ..LocalSwarmConfig::default()
+    };
     let swarm = LocalSwarm::start(dir.path(), cfg).await?;
     let http_addr = swarm.nodes[0].http_addr;
     for (i, n) in swarm.nodes.iter().enumerate() {
@@ -68,36 +79,70 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("    HTTP API of node 0: http://{h}/api/status");
     }
 
-    step(args.json, "waiting for the nodes to find each other (Kademlia)");
-    swarm.wait_for_routing(args.nodes - 1, Duration::from_secs(30)).await?;
+    step(
+        args.json,
+        "waiting for the nodes to find each other (Kademlia)",
+    );
+    swarm
+        .wait_for_routing(args.nodes - 1, Duration::from_secs(30))
+        .await?;
     let discovery_ms = t0.elapsed().as_millis() as u64;
     if !args.json {
-        println!("    every node knows the other {} ({} ms)", args.nodes - 1, discovery_ms);
+        println!(
+            "    every node knows the other {} ({} ms)",
+            args.nodes - 1,
+            discovery_ms
+        );
     }
 
-    step(args.json, "each node publishes signed progress under run/demo/progress");
+    step(
+        args.json,
+        "each node publishes signed progress under run/demo/progress",
+    );
     let key = DhtKey::run_progress("demo")?;
     for (i, n) in swarm.nodes.iter().enumerate() {
-        let value = serde_json::to_vec(&serde_json::json!({ "node": i, "samples": 100 * (i + 1) }))?;
-        n.handle.dht_put_owned(key.clone(), value, Duration::from_secs(120)).await?;
+        let value =
+            serde_json::to_vec(&serde_json::json!({ "node": i, "samples": 100 * (i + 1) }))?;
+        n.handle
+            .dht_put_owned(key.clone(), value, Duration::from_secs(120))
+            .await?;
     }
     let mut seen = usize::MAX;
     for (i, n) in swarm.nodes.iter().enumerate() {
         let got = n.handle.dht_get(&key).await?;
         if !args.json {
-            println!("    node {i} reads {} entries (asked {} nodes)", got.entries.len(), got.asked);
+            println!(
+                "    node {i} reads {} entries (asked {} nodes)",
+                got.entries.len(),
+                got.asked
+            );
         }
         seen = seen.min(got.entries.len());
     }
-    ensure!(seen == args.nodes, "a node saw only {seen} of {} progress entries", args.nodes);
+    ensure!(
+        seen == args.nodes,
+        "a node saw only {seen} of {} progress entries",
+        args.nodes
+    );
 
-    step(args.json, "a node tries to overwrite another node's signed entry");
+    step(
+        args.json,
+        "a node tries to overwrite another node's signed entry",
+    );
     let owner = swarm.nodes[0].handle.signer().public();
-    let mut forged = DhtEntry::owned(key.clone(), swarm.nodes[1].handle.signer(), b"{\"samples\":0}".to_vec(), now_ms() + 200_000);
+    let mut forged = DhtEntry::owned(
+        key.clone(),
+        swarm.nodes[1].handle.signer(),
+        b"{\"samples\":0}".to_vec(),
+        now_ms() + 200_000,
+    );
     forged.subkey = Subkey::Owner(owner);
     let refused = swarm.nodes[1].handle.dht_store(vec![forged]).await.is_err();
     if !args.json {
-        println!("    forged overwrite {}", if refused { "refused" } else { "ACCEPTED (bug)" });
+        println!(
+            "    forged overwrite {}",
+            if refused { "refused" } else { "ACCEPTED (bug)" }
+        );
     }
 
     step(args.json, "peer RPC: every node pings every other");
@@ -105,18 +150,29 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for (i, a) in swarm.nodes.iter().enumerate() {
         for (j, b) in swarm.nodes.iter().enumerate() {
             if i != j {
-                rtt[i][j] = a.handle.ping(b.peer_id()).await.ok().map(|d| d.as_secs_f64() * 1e3);
+                rtt[i][j] = a
+                    .handle
+                    .ping(b.peer_id())
+                    .await
+                    .ok()
+                    .map(|d| d.as_secs_f64() * 1e3);
             }
         }
     }
     if !args.json {
         for (i, row) in rtt.iter().enumerate() {
-            let cells: Vec<String> = row.iter().map(|r| r.map_or("    -".into(), |v| format!("{v:5.2}"))).collect();
+            let cells: Vec<String> = row
+                .iter()
+                .map(|r| r.map_or("    -".into(), |v| format!("{v:5.2}")))
+                .collect();
             println!("    node {i} → [{}] ms", cells.join(" "));
         }
     }
 
-    step(args.json, "gossip: node 0 publishes on a topic every node subscribed to");
+    step(
+        args.json,
+        "gossip: node 0 publishes on a topic every node subscribed to",
+    );
     let topic = colony_protocol::names::patches_topic("demo");
     let mut subs = Vec::new();
     for n in &swarm.nodes[1..] {
@@ -126,7 +182,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut delivered = 0;
     let deadline = Instant::now() + Duration::from_secs(10);
     // Gossipsub needs a heartbeat or two to build its mesh; retry until it accepts.
-    while swarm.nodes[0].handle.publish(&topic, b"hello swarm".to_vec()).await.is_err() && Instant::now() < deadline {
+    while swarm.nodes[0]
+        .handle
+        .publish(&topic, b"hello swarm".to_vec())
+        .await
+        .is_err()
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for rx in &mut subs {
@@ -136,12 +198,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     }
     if !args.json {
-        println!("    delivered to {delivered} of {} subscribers", args.nodes - 1);
+        println!(
+            "    delivered to {delivered} of {} subscribers",
+            args.nodes - 1
+        );
     }
 
     let summary = Summary {
         nodes: args.nodes,
-        peer_ids: swarm.nodes.iter().map(|n| n.peer_id().to_string()).collect(),
+        peer_ids: swarm
+            .nodes
+            .iter()
+            .map(|n| n.peer_id().to_string())
+            .collect(),
         discovery_ms,
         progress_entries_seen_by_every_node: seen,
         ping_rtt_ms: rtt,
@@ -164,5 +233,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 fn tempfile_dir() -> anyhow::Result<tempfile::TempDir> {
-    tempfile::Builder::new().prefix("colony-demo-").tempdir().context("cannot create a temporary directory")
+    tempfile::Builder::new()
+        .prefix("colony-demo-")
+        .tempdir()
+        .context("cannot create a temporary directory")
 }

@@ -8,11 +8,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{Context, anyhow, bail};
 use colony_protocol::names::MAX_ENTRIES_PER_STORE;
-use colony_protocol::{DhtEntry, DhtKey, NodeInfo, NodeKeypair, NodePublicKey, Request, Response, StoreOutcome, Subkey};
+use colony_protocol::{
+    DhtEntry, DhtKey, NodeInfo, NodeKeypair, NodePublicKey, Request, Response, StoreOutcome, Subkey,
+};
 use futures::future::join_all;
-use libp2p::{kad, Multiaddr, PeerId};
+use libp2p::{Multiaddr, PeerId, kad};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -59,7 +61,13 @@ impl NodeHandle {
         signer: NodeKeypair,
         dht: DhtConfig,
     ) -> Self {
-        Self { tx, gossip, peer_id, signer, dht }
+        Self {
+            tx,
+            gossip,
+            peer_id,
+            signer,
+            dht,
+        }
     }
 
     pub fn peer_id(&self) -> PeerId {
@@ -73,7 +81,10 @@ impl NodeHandle {
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> anyhow::Result<T> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| anyhow!("the node has stopped"))?;
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| anyhow!("the node has stopped"))?;
         rx.await.map_err(|_| anyhow!("the node has stopped"))
     }
 
@@ -90,9 +101,12 @@ impl NodeHandle {
     }
 
     pub async fn dial(&self, addr: Multiaddr) -> anyhow::Result<()> {
-        self.ask(|reply| Command::Dial { addr: addr.clone(), reply })
-            .await?
-            .map_err(|e| anyhow!("cannot dial {addr}: {e}"))
+        self.ask(|reply| Command::Dial {
+            addr: addr.clone(),
+            reply,
+        })
+        .await?
+        .map_err(|e| anyhow!("cannot dial {addr}: {e}"))
     }
 
     /// Reports misbehaviour by `peer` (a forged or malformed answer found outside the actor).
@@ -101,14 +115,48 @@ impl NodeHandle {
     }
 
     /// One RPC to `peer`; `addrs` are extra addresses to dial it at (may be empty).
-    pub async fn rpc(&self, peer: PeerId, addrs: Vec<Multiaddr>, request: Request) -> Result<Response, RpcFailure> {
+    pub async fn rpc(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: Request,
+    ) -> Result<Response, RpcFailure> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Rpc { peer, addrs, request, reply }).await.map_err(|_| RpcFailure::Shutdown)?;
-        // The swarm enforces the request timeout; this outer one guards against a lost reply.
-        match tokio::time::timeout(self.dht.rpc_timeout() * 2, rx).await {
+        self.tx
+            .send(Command::Rpc {
+                peer,
+                addrs,
+                request,
+                reply,
+            })
+            .await
+            .map_err(|_| RpcFailure::Shutdown)?;
+        // The swarm enforces the request timeout once connected, and the transport a 10 s
+        // connection timeout; this outer one only guards against a lost reply.
+        match tokio::time::timeout(self.dht.rpc_timeout() + Duration::from_secs(12), rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(RpcFailure::Shutdown),
-            Err(_) => Err(RpcFailure::Failed { peer, reason: "no reply in time".into() }),
+            Err(_) => Err(RpcFailure::Failed {
+                peer,
+                reason: "no reply in time".into(),
+            }),
+        }
+    }
+
+    /// One RPC of a DHT fan-out: bounded by the RPC timeout, dialling included, so one
+    /// unreachable replica cannot hold up the whole operation.
+    async fn fanout_rpc(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: Request,
+    ) -> Result<Response, String> {
+        match tokio::time::timeout(self.dht.rpc_timeout(), self.rpc(peer, addrs, request)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "peer {peer}: no answer within {:?}",
+                self.dht.rpc_timeout()
+            )),
         }
     }
 
@@ -116,7 +164,16 @@ impl NodeHandle {
     pub async fn ping(&self, peer: PeerId) -> anyhow::Result<Duration> {
         let nonce = rand::random();
         let t0 = std::time::Instant::now();
-        match self.rpc_anywhere(peer, Request::Ping { nonce, payload: vec![] }).await? {
+        match self
+            .rpc_anywhere(
+                peer,
+                Request::Ping {
+                    nonce,
+                    payload: vec![],
+                },
+            )
+            .await?
+        {
             Response::Pong { nonce: n, .. } if n == nonce => Ok(t0.elapsed()),
             other => bail!("peer {peer} answered a ping with {other:?}"),
         }
@@ -134,8 +191,15 @@ impl NodeHandle {
 
     /// The `n` nodes that should hold `key`: the closest peers, and this node when it is a
     /// DHT server and close enough, ordered by XOR distance.
-    async fn replica_set(&self, key: &DhtKey, n: usize) -> anyhow::Result<Vec<(PeerId, Vec<Multiaddr>)>> {
-        let Closest { mut peers, self_server } = self.closest_peers(key).await?;
+    async fn replica_set(
+        &self,
+        key: &DhtKey,
+        n: usize,
+    ) -> anyhow::Result<Vec<(PeerId, Vec<Multiaddr>)>> {
+        let Closest {
+            mut peers,
+            self_server,
+        } = self.closest_peers(key).await?;
         if self_server || peers.is_empty() {
             peers.push((self.peer_id, vec![]));
         }
@@ -165,12 +229,17 @@ impl NodeHandle {
             let entries = entries.clone();
             async move {
                 let r = if peer == self.peer_id {
-                    self.ask(|reply| Command::LocalPut { entries, reply }).await.map_err(|e| e.to_string())
+                    self.ask(|reply| Command::LocalPut { entries, reply })
+                        .await
+                        .map_err(|e| e.to_string())
                 } else {
-                    match self.rpc(peer, addrs, Request::DhtStore { entries }).await {
+                    match self
+                        .fanout_rpc(peer, addrs, Request::DhtStore { entries })
+                        .await
+                    {
                         Ok(Response::DhtStored { outcomes }) => Ok(outcomes),
                         Ok(other) => Err(format!("unexpected answer {other:?}")),
-                        Err(e) => Err(e.to_string()),
+                        Err(e) => Err(e),
                     }
                 };
                 (peer, r)
@@ -180,8 +249,14 @@ impl NodeHandle {
         for (peer, r) in join_all(calls).await {
             let name = peer.to_string();
             match r {
-                Ok(outcomes) if outcomes.iter().all(|o| *o == StoreOutcome::Stored) => report.stored.push(name),
-                Ok(outcomes) if outcomes.iter().all(|o| matches!(o, StoreOutcome::Stored | StoreOutcome::Outdated)) => {
+                Ok(outcomes) if outcomes.iter().all(|o| *o == StoreOutcome::Stored) => {
+                    report.stored.push(name)
+                }
+                Ok(outcomes)
+                    if outcomes
+                        .iter()
+                        .all(|o| matches!(o, StoreOutcome::Stored | StoreOutcome::Outdated)) =>
+                {
                     report.outdated.push(name)
                 }
                 Ok(outcomes) => {
@@ -202,15 +277,28 @@ impl NodeHandle {
 
     /// Stores `value` under (`key`, this node's public key), signed: only this node can
     /// overwrite it.
-    pub async fn dht_put_owned(&self, key: DhtKey, value: Vec<u8>, ttl: Duration) -> anyhow::Result<StoreReport> {
+    pub async fn dht_put_owned(
+        &self,
+        key: DhtKey,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> anyhow::Result<StoreReport> {
         let expires = now_ms() + ttl.as_millis() as u64;
-        self.dht_store(vec![DhtEntry::owned(key, &self.signer, value, expires)]).await
+        self.dht_store(vec![DhtEntry::owned(key, &self.signer, value, expires)])
+            .await
     }
 
     /// Stores `value` under (`key`, `subkey`); anyone may overwrite it with a later expiration.
-    pub async fn dht_put(&self, key: DhtKey, subkey: Vec<u8>, value: Vec<u8>, ttl: Duration) -> anyhow::Result<StoreReport> {
+    pub async fn dht_put(
+        &self,
+        key: DhtKey,
+        subkey: Vec<u8>,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> anyhow::Result<StoreReport> {
         let expires = now_ms() + ttl.as_millis() as u64;
-        self.dht_store(vec![DhtEntry::plain(key, subkey, value, expires)]).await
+        self.dht_store(vec![DhtEntry::plain(key, subkey, value, expires)])
+            .await
     }
 
     /// The newest unexpired value of every subkey under `key`, merged from the closest nodes.
@@ -220,12 +308,20 @@ impl NodeHandle {
         let asked = targets.len();
         let calls = targets.into_iter().map(|(peer, addrs)| async move {
             let r = if peer == self.peer_id {
-                self.ask(|reply| Command::LocalGet { key: key.clone(), reply }).await.map_err(|e| e.to_string())
+                self.ask(|reply| Command::LocalGet {
+                    key: key.clone(),
+                    reply,
+                })
+                .await
+                .map_err(|e| e.to_string())
             } else {
-                match self.rpc(peer, addrs, Request::DhtFind { key: key.clone() }).await {
+                match self
+                    .fanout_rpc(peer, addrs, Request::DhtFind { key: key.clone() })
+                    .await
+                {
                     Ok(Response::DhtFound { entries }) => Ok(entries),
                     Ok(other) => Err(format!("unexpected answer {other:?}")),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(e),
                 }
             };
             (peer, r)
@@ -240,7 +336,10 @@ impl NodeHandle {
             let mut bad = None;
             let good = entries.into_iter().filter(|e| {
                 if e.key != *key {
-                    bad = Some(format!("answered a find for {key} with an entry for {}", e.key));
+                    bad = Some(format!(
+                        "answered a find for {key} with an entry for {}",
+                        e.key
+                    ));
                     return false;
                 }
                 match e.validate(now) {
@@ -261,20 +360,47 @@ impl NodeHandle {
             bail!("no node answered a get for {key} (asked {asked})");
         }
         // Also consult the local store when this node was not among the asked.
-        if let Ok(local) = self.ask(|reply| Command::LocalGet { key: key.clone(), reply }).await {
+        if let Ok(local) = self
+            .ask(|reply| Command::LocalGet {
+                key: key.clone(),
+                reply,
+            })
+            .await
+        {
             merge_newest(&mut merged, local);
         }
-        Ok(GetResult { entries: merged.into_values().collect(), asked, answered })
+        Ok(GetResult {
+            entries: merged.into_values().collect(),
+            asked,
+            answered,
+        })
     }
 
     /// Pushes every entry this node holds to the current closest nodes of its key.
     pub async fn replicate(&self) -> anyhow::Result<usize> {
-        let plan = self.ask(|reply| Command::ReplicationPlan { per_key: self.dht.replicas, reply }).await?;
+        let plan = self
+            .ask(|reply| Command::ReplicationPlan {
+                per_key: self.dht.replicas,
+                reply,
+            })
+            .await?;
         let mut pushed = 0;
         for (entries, peers) in plan {
             for chunk in entries.chunks(MAX_ENTRIES_PER_STORE) {
-                let calls = peers.iter().map(|p| self.rpc(*p, vec![], Request::DhtStore { entries: chunk.to_vec() }));
-                pushed += join_all(calls).await.into_iter().filter(|r| r.is_ok()).count();
+                let calls = peers.iter().map(|p| {
+                    self.rpc(
+                        *p,
+                        vec![],
+                        Request::DhtStore {
+                            entries: chunk.to_vec(),
+                        },
+                    )
+                });
+                pushed += join_all(calls)
+                    .await
+                    .into_iter()
+                    .filter(|r| r.is_ok())
+                    .count();
             }
         }
         Ok(pushed)
@@ -286,44 +412,70 @@ impl NodeHandle {
         let key = DhtKey::node_info(&peer.to_string())?;
         let got = self.dht_get(&key).await?;
         for e in got.entries {
-            let Subkey::Owner(pk) = &e.subkey else { continue };
+            let Subkey::Owner(pk) = &e.subkey else {
+                continue;
+            };
             if peer_id_of(pk).ok() != Some(peer) {
                 continue;
             }
-            let info: NodeInfo = colony_protocol::decode(&e.value, colony_protocol::names::MAX_VALUE_BYTES)
-                .with_context(|| format!("node info record of {peer} is malformed"))?;
-            return Ok(info.listen_addrs.iter().filter_map(|a| a.parse().ok()).collect());
+            let info: NodeInfo =
+                colony_protocol::decode(&e.value, colony_protocol::names::MAX_VALUE_BYTES)
+                    .with_context(|| format!("node info record of {peer} is malformed"))?;
+            return Ok(info
+                .listen_addrs
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect());
         }
         bail!("no node info record for {peer}")
     }
 
-    /// An RPC to `peer` wherever it is: directly if possible, else at the addresses its node
-    /// info record names (relay circuits included).
+    /// An RPC to `peer` wherever it is: over an open connection if there is one, else at the
+    /// addresses its signed node record names (relay circuits included) and those the routing
+    /// table knows.
     pub async fn rpc_anywhere(&self, peer: PeerId, request: Request) -> anyhow::Result<Response> {
-        match self.rpc(peer, vec![], request.clone()).await {
-            Ok(r) => Ok(r),
-            Err(first) => {
-                let addrs = self.lookup_peer(peer).await.with_context(|| format!("{first}"))?;
-                Ok(self.rpc(peer, addrs, request).await?)
-            }
-        }
+        let connected = self
+            .ask(|reply| Command::IsConnected { peer, reply })
+            .await?;
+        let addrs = if connected {
+            vec![]
+        } else {
+            self.lookup_peer(peer).await.unwrap_or_else(|e| {
+                tracing::debug!(%peer, "no node record, dialling known addresses only: {e:#}");
+                vec![]
+            })
+        };
+        Ok(self.rpc(peer, addrs, request).await?)
     }
 
-    pub async fn subscribe(&self, topic: &str) -> anyhow::Result<broadcast::Receiver<GossipMessage>> {
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+    ) -> anyhow::Result<broadcast::Receiver<GossipMessage>> {
         let rx = self.gossip.subscribe();
-        self.ask(|reply| Command::Subscribe { topic: topic.to_owned(), reply }).await?.map_err(|e| anyhow!("cannot subscribe to {topic}: {e}"))?;
+        self.ask(|reply| Command::Subscribe {
+            topic: topic.to_owned(),
+            reply,
+        })
+        .await?
+        .map_err(|e| anyhow!("cannot subscribe to {topic}: {e}"))?;
         Ok(rx)
     }
 
     pub async fn publish(&self, topic: &str, data: Vec<u8>) -> anyhow::Result<()> {
-        self.ask(|reply| Command::Publish { topic: topic.to_owned(), data, reply })
-            .await?
-            .map_err(|e| anyhow!("cannot publish on {topic}: {e}"))
+        self.ask(|reply| Command::Publish {
+            topic: topic.to_owned(),
+            data,
+            reply,
+        })
+        .await?
+        .map_err(|e| anyhow!("cannot publish on {topic}: {e}"))
     }
 }
 
 /// The libp2p peer id of an ed25519 public key.
 pub fn peer_id_of(pk: &NodePublicKey) -> anyhow::Result<PeerId> {
-    let ed = libp2p::identity::ed25519::PublicKey::try_from_bytes(&pk.0).context("not an ed25519 key")?;
+    let ed = libp2p::identity::ed25519::PublicKey::try_from_bytes(&pk.0)
+        .context("not an ed25519 key")?;
     Ok(libp2p::identity::PublicKey::from(ed).to_peer_id())
 }

@@ -31,7 +31,10 @@ pub async fn serve(
     let app = router(handle);
     tasks.spawn(async move {
         let shutdown = async move { cancel.cancelled().await };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             tracing::warn!("http server stopped: {e}");
         }
     });
@@ -105,7 +108,10 @@ pub struct GetView {
     pub answered: usize,
 }
 
-async fn dht_get(State(h): State<NodeHandle>, Path(key): Path<String>) -> Result<impl IntoResponse, ApiError> {
+async fn dht_get(
+    State(h): State<NodeHandle>,
+    Path(key): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
     let key = DhtKey::new(key).map_err(bad_request)?;
     let got = h.dht_get(&key).await.map_err(unavailable)?;
     Ok(Json(GetView {
@@ -145,12 +151,23 @@ async fn dht_put(
         None => h.dht_put_owned(key, value, ttl).await,
     };
     Ok(Json(report.map_err(|e| {
-        if e.downcast_ref::<colony_protocol::RecordError>().is_some() { bad_request(format!("{e:#}")) } else { unavailable(e) }
+        if e.downcast_ref::<colony_protocol::RecordError>().is_some() {
+            bad_request(format!("{e:#}"))
+        } else {
+            unavailable(e)
+        }
     })?))
 }
 
-async fn ping(State(h): State<NodeHandle>, Path(peer): Path<String>) -> Result<impl IntoResponse, ApiError> {
-    let peer = peer.parse().map_err(|e| bad_request(format!("bad peer id {peer:?}: {e}")))?;
+async fn ping(
+    State(h): State<NodeHandle>,
+    Path(peer): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let peer = peer
+        .parse()
+        .map_err(|e| bad_request(format!("bad peer id {peer:?}: {e}")))?;
     let rtt = h.ping(peer).await.map_err(unavailable)?;
-    Ok(Json(serde_json::json!({ "peer": peer.to_string(), "rtt_ms": rtt.as_secs_f64() * 1e3 })))
+    Ok(Json(
+        serde_json::json!({ "peer": peer.to_string(), "rtt_ms": rtt.as_secs_f64() * 1e3 }),
+    ))
 }

@@ -28,7 +28,12 @@ impl Default for LocalSwarmConfig {
         let mut template = NodeConfig::loopback(".");
         template.dht.announce_interval_s = 0;
         template.dht.replicate_interval_s = 0;
-        Self { nodes: 4, template, bootstrap_from: 3, first_http: None }
+        Self {
+            nodes: 4,
+            template,
+            bootstrap_from: 3,
+            first_http: None,
+        }
     }
 }
 
@@ -44,8 +49,13 @@ pub struct LocalSwarm {
 impl LocalSwarm {
     /// Starts `config.nodes` nodes with data directories under `root`.
     pub async fn start(root: &Path, config: LocalSwarmConfig) -> anyhow::Result<Self> {
-        let mut swarm =
-            Self { nodes: Vec::new(), root: root.to_owned(), next_index: 0, config: config.clone(), seeds: Vec::new() };
+        let mut swarm = Self {
+            nodes: Vec::new(),
+            root: root.to_owned(),
+            next_index: 0,
+            config: config.clone(),
+            seeds: Vec::new(),
+        };
         for _ in 0..config.nodes {
             let node = swarm.spawn_node().await?;
             if swarm.seeds.len() < config.bootstrap_from.max(1) {
@@ -66,11 +76,17 @@ impl LocalSwarm {
         if i == 0 {
             cfg.http = self.config.first_http;
         }
-        Node::start(cfg).await.with_context(|| format!("cannot start local node {i}"))
+        Node::start(cfg)
+            .await
+            .with_context(|| format!("cannot start local node {i}"))
     }
 
     /// Waits until every node has at least `min_peers` peers in its routing table.
-    pub async fn wait_for_routing(&self, min_peers: usize, timeout: Duration) -> anyhow::Result<()> {
+    pub async fn wait_for_routing(
+        &self,
+        min_peers: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let mut all = true;

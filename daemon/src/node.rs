@@ -13,13 +13,13 @@ use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{Instrument, info, warn};
 
 use crate::config::{NodeConfig, Reachability};
 use crate::dht::store::{LocalStore, StoreLimits};
 use crate::handle::NodeHandle;
-use crate::storage::{write_atomic, DataDir};
-use crate::swarm::actor::{load_snapshot, SwarmActor};
+use crate::storage::{DataDir, write_atomic};
+use crate::swarm::actor::{SwarmActor, load_snapshot};
 use crate::{http, identity, swarm};
 
 /// A running node. Dropping it does not stop it; call [`Node::shutdown`].
@@ -61,7 +61,9 @@ impl Node {
 
         if config.reachability != Reachability::Private {
             for addr in &config.listen {
-                swarm.listen_on(addr.clone()).with_context(|| format!("cannot listen on {addr}"))?;
+                swarm
+                    .listen_on(addr.clone())
+                    .with_context(|| format!("cannot listen on {addr}"))?;
             }
         }
         for addr in &config.bootstrap {
@@ -72,14 +74,6 @@ impl Node {
                 warn!(%addr, "cannot dial bootstrap peer: {e}");
             }
         }
-        if config.reachability == Reachability::Private {
-            let relays = if config.relays.is_empty() { &config.bootstrap } else { &config.relays };
-            for relay in relays {
-                let circuit = relay.clone().with(Protocol::P2pCircuit);
-                swarm.listen_on(circuit.clone()).with_context(|| format!("cannot listen through relay {relay}"))?;
-            }
-        }
-
         let mut store = LocalStore::new(StoreLimits {
             max_keys: config.limits.dht_max_keys,
             max_total_bytes: config.limits.dht_max_bytes,
@@ -92,12 +86,29 @@ impl Node {
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
 
-        let actor = SwarmActor::new(swarm, rx, gossip_tx, store, data.clone(), config.services.clone());
+        // A private node is reachable only through relay circuits; the actor keeps one open
+        // through each relay (default: the bootstrap peers) and re-opens it when it drops.
+        let relays = match config.reachability {
+            Reachability::Private if config.relays.is_empty() => config.bootstrap.clone(),
+            Reachability::Private => config.relays.clone(),
+            _ => Vec::new(),
+        };
+        let actor = SwarmActor::new(
+            swarm,
+            rx,
+            gossip_tx,
+            store,
+            data.clone(),
+            config.services.clone(),
+            relays,
+        );
         let span = tracing::info_span!("swarm", peer = %short(&peer_id));
         tasks.spawn(actor.run(cancel.clone()).instrument(span));
 
         let http_addr = match config.http {
-            Some(addr) => Some(http::serve(addr, handle.clone(), cancel.clone(), &mut tasks).await?),
+            Some(addr) => {
+                Some(http::serve(addr, handle.clone(), cancel.clone(), &mut tasks).await?)
+            }
             None => None,
         };
 
@@ -113,7 +124,12 @@ impl Node {
         };
         write_atomic(&data.node_info(), &serde_json::to_vec_pretty(&file)?, 0o644)?;
         info!(%peer_id, listen = ?file.listen_addrs, http = ?file.http, "node started");
-        Ok(Self { handle, http_addr, cancel, tasks })
+        Ok(Self {
+            handle,
+            http_addr,
+            cancel,
+            tasks,
+        })
     }
 
     pub fn peer_id(&self) -> PeerId {
@@ -123,7 +139,13 @@ impl Node {
     /// Addresses others can dial this node at, each ending in `/p2p/<peer id>`.
     pub async fn dial_addrs(&self) -> anyhow::Result<Vec<Multiaddr>> {
         let id = self.peer_id();
-        Ok(self.handle.listen_addrs().await?.into_iter().map(|a| a.with(Protocol::P2p(id))).collect())
+        Ok(self
+            .handle
+            .listen_addrs()
+            .await?
+            .into_iter()
+            .map(|a| a.with(Protocol::P2p(id)))
+            .collect())
     }
 
     /// A token that stops this node when cancelled (for signal handlers).
@@ -155,7 +177,11 @@ fn short(p: &PeerId) -> String {
 }
 
 async fn wait_for_listeners(handle: &NodeHandle, config: &NodeConfig) -> Vec<Multiaddr> {
-    let want = if config.reachability == Reachability::Private { 0 } else { config.listen.len() };
+    let want = if config.reachability == Reachability::Private {
+        0
+    } else {
+        config.listen.len()
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let addrs = handle.listen_addrs().await.unwrap_or_default();
@@ -167,22 +193,46 @@ async fn wait_for_listeners(handle: &NodeHandle, config: &NodeConfig) -> Vec<Mul
 }
 
 /// Background work: announcing this node's info record and re-replicating held entries.
-fn spawn_loops(config: &NodeConfig, handle: &NodeHandle, cancel: &CancellationToken, tasks: &mut JoinSet<()>) {
+fn spawn_loops(
+    config: &NodeConfig,
+    handle: &NodeHandle,
+    cancel: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) {
     let announce = config.dht.announce_interval_s;
     if announce > 0 {
         let (h, c, services) = (handle.clone(), cancel.clone(), config.services.clone());
         let reachable = config.reachability != Reachability::Private;
         tasks.spawn(async move {
+            // Announce every `announce` seconds, and at once when the listen addresses change
+            // (a relay reservation coming up is how a private node becomes reachable).
             let started = std::time::Instant::now();
-            let mut tick = tokio::time::interval(Duration::from_secs(announce));
+            let mut last: Option<(std::time::Instant, Vec<Multiaddr>)> = None;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
                     biased;
                     _ = c.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                if let Err(e) = announce_self(&h, &services, reachable, started, announce).await {
-                    tracing::debug!("announce failed: {e:#}");
+                let Ok(addrs) = h.listen_addrs().await else {
+                    return;
+                };
+                let due = match &last {
+                    None => true,
+                    Some((at, prev)) => {
+                        *prev != addrs || at.elapsed() >= Duration::from_secs(announce)
+                    }
+                };
+                if !due {
+                    continue;
+                }
+                match announce_self(&h, &addrs, &services, reachable, started, announce).await {
+                    Ok(()) => {
+                        tracing::debug!(?addrs, "announced node record");
+                        last = Some((std::time::Instant::now(), addrs));
+                    }
+                    Err(e) => tracing::debug!("announce failed: {e:#}"),
                 }
             }
         });
@@ -210,17 +260,22 @@ fn spawn_loops(config: &NodeConfig, handle: &NodeHandle, cancel: &CancellationTo
 
 async fn announce_self(
     h: &NodeHandle,
+    addrs: &[Multiaddr],
     services: &[String],
     reachable: bool,
     started: std::time::Instant,
     interval_s: u64,
 ) -> anyhow::Result<()> {
     let id = h.peer_id();
-    let listen_addrs = h
-        .listen_addrs()
-        .await?
-        .into_iter()
-        .map(|a| if a.iter().any(|p| matches!(p, Protocol::P2p(_)) ) && a.iter().last() == Some(Protocol::P2p(id)) { a } else { a.with(Protocol::P2p(id)) })
+    let listen_addrs = addrs
+        .iter()
+        .map(|a| {
+            if a.iter().last() == Some(Protocol::P2p(id)) {
+                a.clone()
+            } else {
+                a.clone().with(Protocol::P2p(id))
+            }
+        })
         .map(|a| a.to_string())
         .collect();
     let info = NodeInfo {
@@ -231,6 +286,11 @@ async fn announce_self(
         uptime_s: started.elapsed().as_secs(),
     };
     let value = colony_protocol::encode(&info, colony_protocol::names::MAX_VALUE_BYTES)?;
-    h.dht_put_owned(DhtKey::node_info(&id.to_string())?, value, Duration::from_secs(interval_s * 3)).await?;
+    h.dht_put_owned(
+        DhtKey::node_info(&id.to_string())?,
+        value,
+        Duration::from_secs(interval_s * 3),
+    )
+    .await?;
     Ok(())
 }

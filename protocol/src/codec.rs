@@ -4,7 +4,7 @@
 //! is bounded twice: the input slice must not exceed the caller's limit, and bincode's own
 //! allocation limit stops a small message that claims a huge length prefix.
 
-use serde::{de::DeserializeOwned, Serialize};
+use serde::{Serialize, de::DeserializeOwned};
 
 /// Bincode's allocation limit; no single message may claim more than this.
 const ALLOC_LIMIT: usize = crate::names::MAX_RPC_BYTES;
@@ -34,7 +34,10 @@ pub fn encode<T: Serialize>(value: &T, limit: usize) -> Result<Vec<u8>, CodecErr
     let bytes = bincode::serde::encode_to_vec(value, config())
         .map_err(|e| CodecError::Encode(e.to_string()))?;
     if bytes.len() > limit {
-        return Err(CodecError::TooLarge { len: bytes.len(), limit });
+        return Err(CodecError::TooLarge {
+            len: bytes.len(),
+            limit,
+        });
     }
     Ok(bytes)
 }
@@ -54,7 +57,10 @@ pub fn encode_file<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     let bytes = bincode::serde::encode_to_vec(value, file_config())
         .map_err(|e| CodecError::Encode(e.to_string()))?;
     if bytes.len() > MAX_FILE_BYTES {
-        return Err(CodecError::TooLarge { len: bytes.len(), limit: MAX_FILE_BYTES });
+        return Err(CodecError::TooLarge {
+            len: bytes.len(),
+            limit: MAX_FILE_BYTES,
+        });
     }
     Ok(bytes)
 }
@@ -62,12 +68,17 @@ pub fn encode_file<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 /// Decodes a large local file written by [`encode_file`].
 pub fn decode_file<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if bytes.len() > MAX_FILE_BYTES {
-        return Err(CodecError::TooLarge { len: bytes.len(), limit: MAX_FILE_BYTES });
+        return Err(CodecError::TooLarge {
+            len: bytes.len(),
+            limit: MAX_FILE_BYTES,
+        });
     }
     let (value, used) = bincode::serde::decode_from_slice(bytes, file_config())
         .map_err(|e| CodecError::Malformed(e.to_string()))?;
     if used != bytes.len() {
-        return Err(CodecError::TrailingBytes { trailing: bytes.len() - used });
+        return Err(CodecError::TrailingBytes {
+            trailing: bytes.len() - used,
+        });
     }
     Ok(value)
 }
@@ -76,12 +87,17 @@ pub fn decode_file<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 /// nothing after the message.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
     if bytes.len() > limit {
-        return Err(CodecError::TooLarge { len: bytes.len(), limit });
+        return Err(CodecError::TooLarge {
+            len: bytes.len(),
+            limit,
+        });
     }
     let (value, used) = bincode::serde::decode_from_slice(bytes, config())
         .map_err(|e| CodecError::Malformed(e.to_string()))?;
     if used != bytes.len() {
-        return Err(CodecError::TrailingBytes { trailing: bytes.len() - used });
+        return Err(CodecError::TrailingBytes {
+            trailing: bytes.len() - used,
+        });
     }
     Ok(value)
 }
@@ -93,14 +109,23 @@ mod tests {
     #[test]
     fn refuses_oversized_input() {
         let err = decode::<Vec<u8>>(&[0u8; 100], 10).unwrap_err();
-        assert!(matches!(err, CodecError::TooLarge { len: 100, limit: 10 }));
+        assert!(matches!(
+            err,
+            CodecError::TooLarge {
+                len: 100,
+                limit: 10
+            }
+        ));
     }
 
     #[test]
     fn refuses_trailing_bytes() {
         let mut bytes = encode(&7u32, 64).unwrap();
         bytes.push(0);
-        assert!(matches!(decode::<u32>(&bytes, 64), Err(CodecError::TrailingBytes { trailing: 1 })));
+        assert!(matches!(
+            decode::<u32>(&bytes, 64),
+            Err(CodecError::TrailingBytes { trailing: 1 })
+        ));
     }
 
     #[test]
@@ -118,6 +143,9 @@ mod tests {
 
     #[test]
     fn encode_refuses_over_limit() {
-        assert!(matches!(encode(&vec![0u8; 100], 50), Err(CodecError::TooLarge { .. })));
+        assert!(matches!(
+            encode(&vec![0u8; 100], 50),
+            Err(CodecError::TooLarge { .. })
+        ));
     }
 }

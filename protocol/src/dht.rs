@@ -11,7 +11,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{KeyError, NodeKeypair, NodePublicKey, Signature};
-use crate::names::{MAX_CLOCK_SKEW_MS, MAX_KEY_BYTES, MAX_SUBKEY_BYTES, MAX_TTL_MS, MAX_VALUE_BYTES};
+use crate::names::{
+    MAX_CLOCK_SKEW_MS, MAX_KEY_BYTES, MAX_SUBKEY_BYTES, MAX_TTL_MS, MAX_VALUE_BYTES,
+};
 
 /// Longest single path segment of a key.
 pub const MAX_SEGMENT_BYTES: usize = 64;
@@ -29,13 +31,22 @@ impl DhtKey {
     pub fn new(key: impl Into<String>) -> Result<Self, RecordError> {
         let key = key.into();
         if key.is_empty() || key.len() > MAX_KEY_BYTES {
-            return Err(RecordError::BadKey { key, why: "length must be 1..=256 bytes" });
+            return Err(RecordError::BadKey {
+                key,
+                why: "length must be 1..=256 bytes",
+            });
         }
         for seg in key.split('/') {
             if seg.is_empty() || seg.len() > MAX_SEGMENT_BYTES {
-                return Err(RecordError::BadKey { key, why: "each segment must be 1..=64 bytes" });
+                return Err(RecordError::BadKey {
+                    key,
+                    why: "each segment must be 1..=64 bytes",
+                });
             }
-            if !seg.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
+            if !seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            {
                 return Err(RecordError::BadKey {
                     key,
                     why: "segments may hold only ASCII letters, digits, '.', '_' and '-'",
@@ -166,33 +177,73 @@ pub enum RecordError {
     #[error("bad dht key {key:?}: {why}")]
     BadKey { key: String, why: &'static str },
     #[error("value of {len} bytes under {key} exceeds the limit of {limit} bytes")]
-    ValueTooLarge { key: DhtKey, len: usize, limit: usize },
+    ValueTooLarge {
+        key: DhtKey,
+        len: usize,
+        limit: usize,
+    },
     #[error("subkey of {len} bytes under {key} exceeds the limit of {limit} bytes")]
-    SubkeyTooLarge { key: DhtKey, len: usize, limit: usize },
+    SubkeyTooLarge {
+        key: DhtKey,
+        len: usize,
+        limit: usize,
+    },
     #[error("entry {key}/{subkey} expired at {expires_at_ms} (now {now_ms})")]
-    Expired { key: DhtKey, subkey: Subkey, expires_at_ms: u64, now_ms: u64 },
-    #[error("entry {key}/{subkey} expires too far in the future ({expires_at_ms}, now {now_ms}; at most 24 h)")]
-    TooFarInFuture { key: DhtKey, subkey: Subkey, expires_at_ms: u64, now_ms: u64 },
+    Expired {
+        key: DhtKey,
+        subkey: Subkey,
+        expires_at_ms: u64,
+        now_ms: u64,
+    },
+    #[error(
+        "entry {key}/{subkey} expires too far in the future ({expires_at_ms}, now {now_ms}; at most 24 h)"
+    )]
+    TooFarInFuture {
+        key: DhtKey,
+        subkey: Subkey,
+        expires_at_ms: u64,
+        now_ms: u64,
+    },
     #[error("entry {key}/{subkey} is owned but carries no signature")]
     MissingSignature { key: DhtKey, subkey: Subkey },
     #[error("entry {key}/{subkey} is not owned but carries a signature")]
     UnexpectedSignature { key: DhtKey, subkey: Subkey },
     #[error("entry {key}/{subkey}: {source}")]
-    Signature { key: DhtKey, subkey: Subkey, source: KeyError },
+    Signature {
+        key: DhtKey,
+        subkey: Subkey,
+        source: KeyError,
+    },
 }
 
 const SIGNING_DOMAIN: &[u8] = b"colony/dht-entry/1";
 
 impl DhtEntry {
     /// A plain entry anyone may overwrite with a later expiration.
-    pub fn plain(key: DhtKey, subkey: impl Into<Vec<u8>>, value: Vec<u8>, expires_at_ms: u64) -> Self {
-        Self { key, subkey: Subkey::Plain(subkey.into()), value, expires_at_ms, signature: None }
+    pub fn plain(
+        key: DhtKey,
+        subkey: impl Into<Vec<u8>>,
+        value: Vec<u8>,
+        expires_at_ms: u64,
+    ) -> Self {
+        Self {
+            key,
+            subkey: Subkey::Plain(subkey.into()),
+            value,
+            expires_at_ms,
+            signature: None,
+        }
     }
 
     /// An entry owned by `owner`'s public key and signed by it.
     pub fn owned(key: DhtKey, owner: &NodeKeypair, value: Vec<u8>, expires_at_ms: u64) -> Self {
-        let mut entry =
-            Self { key, subkey: Subkey::Owner(owner.public()), value, expires_at_ms, signature: None };
+        let mut entry = Self {
+            key,
+            subkey: Subkey::Owner(owner.public()),
+            value,
+            expires_at_ms,
+            signature: None,
+        };
         entry.signature = Some(owner.sign(&entry.signing_bytes()));
         entry
     }
@@ -218,12 +269,20 @@ impl DhtEntry {
     pub fn validate(&self, now_ms: u64) -> Result<(), RecordError> {
         let (key, subkey) = (|| self.key.clone(), || self.subkey.clone());
         if self.value.len() > MAX_VALUE_BYTES {
-            return Err(RecordError::ValueTooLarge { key: key(), len: self.value.len(), limit: MAX_VALUE_BYTES });
+            return Err(RecordError::ValueTooLarge {
+                key: key(),
+                len: self.value.len(),
+                limit: MAX_VALUE_BYTES,
+            });
         }
-        if let Subkey::Plain(b) = &self.subkey {
-            if b.len() > MAX_SUBKEY_BYTES {
-                return Err(RecordError::SubkeyTooLarge { key: key(), len: b.len(), limit: MAX_SUBKEY_BYTES });
-            }
+        if let Subkey::Plain(b) = &self.subkey
+            && b.len() > MAX_SUBKEY_BYTES
+        {
+            return Err(RecordError::SubkeyTooLarge {
+                key: key(),
+                len: b.len(),
+                limit: MAX_SUBKEY_BYTES,
+            });
         }
         if self.is_expired(now_ms) {
             return Err(RecordError::Expired {
@@ -242,12 +301,24 @@ impl DhtEntry {
             });
         }
         match (&self.subkey, &self.signature) {
-            (Subkey::Owner(_), None) => Err(RecordError::MissingSignature { key: key(), subkey: subkey() }),
-            (Subkey::Plain(_), Some(_)) => Err(RecordError::UnexpectedSignature { key: key(), subkey: subkey() }),
+            (Subkey::Owner(_), None) => Err(RecordError::MissingSignature {
+                key: key(),
+                subkey: subkey(),
+            }),
+            (Subkey::Plain(_), Some(_)) => Err(RecordError::UnexpectedSignature {
+                key: key(),
+                subkey: subkey(),
+            }),
             (Subkey::Plain(_), None) => Ok(()),
-            (Subkey::Owner(owner), Some(sig)) => owner
-                .verify(&self.signing_bytes(), sig)
-                .map_err(|source| RecordError::Signature { key: key(), subkey: subkey(), source }),
+            (Subkey::Owner(owner), Some(sig)) => {
+                owner
+                    .verify(&self.signing_bytes(), sig)
+                    .map_err(|source| RecordError::Signature {
+                        key: key(),
+                        subkey: subkey(),
+                        source,
+                    })
+            }
         }
     }
 
@@ -283,9 +354,24 @@ mod tests {
 
     #[test]
     fn key_schema() {
-        assert_eq!(DhtKey::run_group("r1", 7).unwrap().as_str(), "run/r1/group/7");
-        assert_eq!(DhtKey::route_shard("glove", 3).unwrap().as_str(), "route/glove/shard/3");
-        for bad in ["", "a//b", "/a", "a/", "a b", "ü", &"x".repeat(65), &"a/".repeat(200)] {
+        assert_eq!(
+            DhtKey::run_group("r1", 7).unwrap().as_str(),
+            "run/r1/group/7"
+        );
+        assert_eq!(
+            DhtKey::route_shard("glove", 3).unwrap().as_str(),
+            "route/glove/shard/3"
+        );
+        for bad in [
+            "",
+            "a//b",
+            "/a",
+            "a/",
+            "a b",
+            "ü",
+            &"x".repeat(65),
+            &"a/".repeat(200),
+        ] {
             assert!(DhtKey::new(bad).is_err(), "{bad:?} should be refused");
         }
         assert!(DhtKey::run_progress("bad run").is_err());
@@ -299,36 +385,60 @@ mod tests {
 
         let mut forged = entry.clone();
         forged.value = b"v2".to_vec();
-        assert!(matches!(forged.validate(NOW), Err(RecordError::Signature { .. })));
+        assert!(matches!(
+            forged.validate(NOW),
+            Err(RecordError::Signature { .. })
+        ));
 
         let mut later = entry.clone();
         later.expires_at_ms += 1;
-        assert!(matches!(later.validate(NOW), Err(RecordError::Signature { .. })));
+        assert!(matches!(
+            later.validate(NOW),
+            Err(RecordError::Signature { .. })
+        ));
 
         let mut unsigned = entry.clone();
         unsigned.signature = None;
-        assert!(matches!(unsigned.validate(NOW), Err(RecordError::MissingSignature { .. })));
+        assert!(matches!(
+            unsigned.validate(NOW),
+            Err(RecordError::MissingSignature { .. })
+        ));
 
         // A non-owner signs with its own key but claims the owner's subkey.
         let intruder = NodeKeypair::from_secret([4; 32]);
         let mut stolen = DhtEntry::owned(key(), &intruder, b"evil".to_vec(), NOW + 90_000);
         stolen.subkey = Subkey::Owner(owner.public());
-        assert!(matches!(stolen.validate(NOW), Err(RecordError::Signature { .. })));
+        assert!(matches!(
+            stolen.validate(NOW),
+            Err(RecordError::Signature { .. })
+        ));
     }
 
     #[test]
     fn limits_and_expiry() {
         let e = DhtEntry::plain(key(), "a", vec![0; MAX_VALUE_BYTES + 1], NOW + 1);
-        assert!(matches!(e.validate(NOW), Err(RecordError::ValueTooLarge { .. })));
+        assert!(matches!(
+            e.validate(NOW),
+            Err(RecordError::ValueTooLarge { .. })
+        ));
         let e = DhtEntry::plain(key(), vec![0; MAX_SUBKEY_BYTES + 1], vec![], NOW + 1);
-        assert!(matches!(e.validate(NOW), Err(RecordError::SubkeyTooLarge { .. })));
+        assert!(matches!(
+            e.validate(NOW),
+            Err(RecordError::SubkeyTooLarge { .. })
+        ));
         let e = DhtEntry::plain(key(), "a", vec![], NOW);
         assert!(matches!(e.validate(NOW), Err(RecordError::Expired { .. })));
         let e = DhtEntry::plain(key(), "a", vec![], NOW + MAX_TTL_MS + MAX_CLOCK_SKEW_MS + 1);
-        assert!(matches!(e.validate(NOW), Err(RecordError::TooFarInFuture { .. })));
+        assert!(matches!(
+            e.validate(NOW),
+            Err(RecordError::TooFarInFuture { .. })
+        ));
         let mut e = DhtEntry::plain(key(), "a", vec![], NOW + 1);
         e.signature = Some(Signature([0; 64]));
-        assert!(matches!(e.validate(NOW), Err(RecordError::UnexpectedSignature { .. })));
+        assert!(matches!(
+            e.validate(NOW),
+            Err(RecordError::UnexpectedSignature { .. })
+        ));
     }
 
     #[test]
@@ -339,6 +449,9 @@ mod tests {
         assert!(!a.supersedes(&b));
         assert!(!a.supersedes(&a));
         let c = DhtEntry::plain(key(), "s", b"c".to_vec(), NOW + 20);
-        assert!(c.supersedes(&b) != b.supersedes(&c), "ties are broken one way");
+        assert!(
+            c.supersedes(&b) != b.supersedes(&c),
+            "ties are broken one way"
+        );
     }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::{KeyError, NodeKeypair, NodePublicKey, Signature};
 use crate::names::MAX_RPC_BYTES;
-use crate::{decode, encode, CodecError};
+use crate::{CodecError, decode, encode};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedEnvelope {
@@ -33,16 +33,34 @@ impl SignedEnvelope {
     ) -> Self {
         let signer = keypair.public();
         let msg = signing_bytes(domain, &signer, timestamp_ms, nonce, &payload);
-        Self { domain: domain.to_owned(), signer, timestamp_ms, nonce, payload, signature: keypair.sign(&msg) }
+        Self {
+            domain: domain.to_owned(),
+            signer,
+            timestamp_ms,
+            nonce,
+            payload,
+            signature: keypair.sign(&msg),
+        }
     }
 
     /// Checks the signature, and that the envelope is for `domain`.
     pub fn open(&self, domain: &str) -> Result<&[u8], EnvelopeError> {
         if self.domain != domain {
-            return Err(EnvelopeError::WrongDomain { expected: domain.to_owned(), got: self.domain.clone() });
+            return Err(EnvelopeError::WrongDomain {
+                expected: domain.to_owned(),
+                got: self.domain.clone(),
+            });
         }
-        let msg = signing_bytes(&self.domain, &self.signer, self.timestamp_ms, self.nonce, &self.payload);
-        self.signer.verify(&msg, &self.signature).map_err(EnvelopeError::Key)?;
+        let msg = signing_bytes(
+            &self.domain,
+            &self.signer,
+            self.timestamp_ms,
+            self.nonce,
+            &self.payload,
+        );
+        self.signer
+            .verify(&msg, &self.signature)
+            .map_err(EnvelopeError::Key)?;
         Ok(&self.payload)
     }
 
@@ -63,7 +81,13 @@ pub enum EnvelopeError {
     Key(KeyError),
 }
 
-fn signing_bytes(domain: &str, signer: &NodePublicKey, ts: u64, nonce: u64, payload: &[u8]) -> Vec<u8> {
+fn signing_bytes(
+    domain: &str,
+    signer: &NodePublicKey,
+    ts: u64,
+    nonce: u64,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(96 + domain.len() + payload.len());
     out.extend_from_slice(b"colony/envelope/1");
     out.extend_from_slice(&(domain.len() as u64).to_le_bytes());
@@ -85,10 +109,16 @@ mod tests {
         let kp = NodeKeypair::from_secret([9; 32]);
         let env = SignedEnvelope::seal(&kp, "colony/test/1", 5, 6, b"payload".to_vec());
         assert_eq!(env.open("colony/test/1").unwrap(), b"payload");
-        assert!(matches!(env.open("colony/other/1"), Err(EnvelopeError::WrongDomain { .. })));
+        assert!(matches!(
+            env.open("colony/other/1"),
+            Err(EnvelopeError::WrongDomain { .. })
+        ));
         let mut t = env.clone();
         t.nonce += 1;
-        assert!(matches!(t.open("colony/test/1"), Err(EnvelopeError::Key(KeyError::BadSignature))));
+        assert!(matches!(
+            t.open("colony/test/1"),
+            Err(EnvelopeError::Key(KeyError::BadSignature))
+        ));
         let mut t = env.clone();
         t.payload.push(0);
         assert!(t.open("colony/test/1").is_err());

@@ -6,7 +6,7 @@
 use std::fmt;
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
-use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 /// Why a key or a signature was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -36,14 +36,17 @@ macro_rules! byte_array_serde {
                         write!(f, "{} ({} bytes)", $what, $len)
                     }
                     fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<$ty, E> {
-                        let arr: [u8; $len] =
-                            v.try_into().map_err(|_| E::invalid_length(v.len(), &self))?;
+                        let arr: [u8; $len] = v
+                            .try_into()
+                            .map_err(|_| E::invalid_length(v.len(), &self))?;
                         Ok($ty(arr))
                     }
                     fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<$ty, A::Error> {
                         let mut arr = [0u8; $len];
                         for (i, b) in arr.iter_mut().enumerate() {
-                            *b = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(i, &self))?;
+                            *b = seq
+                                .next_element()?
+                                .ok_or_else(|| de::Error::invalid_length(i, &self))?;
                         }
                         if seq.next_element::<u8>()?.is_some() {
                             return Err(de::Error::invalid_length($len + 1, &self));
@@ -91,7 +94,8 @@ impl NodePublicKey {
     pub fn verify(&self, message: &[u8], signature: &Signature) -> Result<(), KeyError> {
         let key = VerifyingKey::from_bytes(&self.0).map_err(|_| KeyError::BadPublicKey)?;
         let sig = ed25519_dalek::Signature::from_bytes(&signature.0);
-        key.verify_strict(message, &sig).map_err(|_| KeyError::BadSignature)
+        key.verify_strict(message, &sig)
+            .map_err(|_| KeyError::BadSignature)
     }
 }
 
@@ -110,7 +114,9 @@ impl fmt::Debug for NodeKeypair {
 impl NodeKeypair {
     /// A key pair from a 32-byte secret seed (the caller supplies the randomness).
     pub fn from_secret(secret: [u8; 32]) -> Self {
-        Self { signing: SigningKey::from_bytes(&secret) }
+        Self {
+            signing: SigningKey::from_bytes(&secret),
+        }
     }
 
     /// A key pair from 64 bytes: secret then public (libp2p's and dalek's layout).
@@ -138,9 +144,15 @@ mod tests {
         let kp = NodeKeypair::from_secret([7; 32]);
         let sig = kp.sign(b"hello");
         kp.public().verify(b"hello", &sig).unwrap();
-        assert_eq!(kp.public().verify(b"hellO", &sig), Err(KeyError::BadSignature));
+        assert_eq!(
+            kp.public().verify(b"hellO", &sig),
+            Err(KeyError::BadSignature)
+        );
         let other = NodeKeypair::from_secret([8; 32]);
-        assert_eq!(other.public().verify(b"hello", &sig), Err(KeyError::BadSignature));
+        assert_eq!(
+            other.public().verify(b"hello", &sig),
+            Err(KeyError::BadSignature)
+        );
     }
 
     #[test]
@@ -149,7 +161,10 @@ mod tests {
         let mut bytes = [0u8; 64];
         bytes[..32].copy_from_slice(&[1; 32]);
         bytes[32..].copy_from_slice(&kp.public().0);
-        assert_eq!(NodeKeypair::from_keypair_bytes(&bytes).unwrap().public(), kp.public());
+        assert_eq!(
+            NodeKeypair::from_keypair_bytes(&bytes).unwrap().public(),
+            kp.public()
+        );
         bytes[40] ^= 1;
         assert!(NodeKeypair::from_keypair_bytes(&bytes).is_err());
     }

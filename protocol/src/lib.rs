@@ -19,7 +19,7 @@ pub mod identity;
 pub mod names;
 pub mod rpc;
 
-pub use codec::{decode, encode, CodecError};
+pub use codec::{CodecError, decode, encode};
 pub use dht::{DhtEntry, DhtKey, RecordError, Subkey};
 pub use envelope::SignedEnvelope;
 pub use identity::{NodeKeypair, NodePublicKey, Signature};

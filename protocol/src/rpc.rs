@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dht::{DhtEntry, DhtKey};
 use crate::names::MAX_RPC_BYTES;
-use crate::{decode, encode, CodecError};
+use crate::{CodecError, decode, encode};
 
 /// A request from one peer to another.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,11 +25,18 @@ pub enum Request {
 /// The answer to a [`Request`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
-    Pong { nonce: u64, payload: Vec<u8> },
+    Pong {
+        nonce: u64,
+        payload: Vec<u8>,
+    },
     NodeInfo(NodeInfo),
     /// One outcome per stored entry, in request order.
-    DhtStored { outcomes: Vec<StoreOutcome> },
-    DhtFound { entries: Vec<DhtEntry> },
+    DhtStored {
+        outcomes: Vec<StoreOutcome>,
+    },
+    DhtFound {
+        entries: Vec<DhtEntry>,
+    },
     Error(RpcError),
 }
 
@@ -102,6 +109,9 @@ impl Response {
         decode(bytes, MAX_RPC_BYTES)
     }
     pub fn error(code: RpcErrorCode, message: impl Into<String>) -> Self {
-        Response::Error(RpcError { code, message: message.into() })
+        Response::Error(RpcError {
+            code,
+            message: message.into(),
+        })
     }
 }

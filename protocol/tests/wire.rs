@@ -1,9 +1,10 @@
 //! Round-trip property tests for every wire type, and decoders against arbitrary bytes.
+#![allow(clippy::unwrap_used)]
 
 use colony_protocol::dht::{DhtEntry, DhtKey, Subkey};
 use colony_protocol::identity::{NodeKeypair, NodePublicKey, Signature};
 use colony_protocol::rpc::{NodeInfo, Request, Response, RpcError, RpcErrorCode, StoreOutcome};
-use colony_protocol::{decode, encode, names::MAX_RPC_BYTES, SignedEnvelope};
+use colony_protocol::{SignedEnvelope, decode, encode, names::MAX_RPC_BYTES};
 use proptest::prelude::*;
 
 fn key() -> impl Strategy<Value = DhtKey> {
@@ -23,7 +24,13 @@ fn subkey() -> impl Strategy<Value = Subkey> {
 }
 
 fn entry() -> impl Strategy<Value = DhtEntry> {
-    (key(), subkey(), proptest::collection::vec(any::<u8>(), 0..200), any::<u64>(), any::<Option<[u8; 32]>>())
+    (
+        key(),
+        subkey(),
+        proptest::collection::vec(any::<u8>(), 0..200),
+        any::<u64>(),
+        any::<Option<[u8; 32]>>(),
+    )
         .prop_map(|(key, subkey, value, expires_at_ms, sig)| DhtEntry {
             key,
             subkey,
@@ -64,15 +71,31 @@ fn response() -> impl Strategy<Value = Response> {
         Just(StoreOutcome::Outdated),
         ".{0,30}".prop_map(StoreOutcome::Refused),
     ];
-    let info = (".{0,20}", proptest::collection::vec("[a-z]{1,8}", 0..5), proptest::collection::vec(".{0,30}", 0..3), any::<bool>(), any::<u64>())
-        .prop_map(|(agent, services, listen_addrs, reachable, uptime_s)| NodeInfo { agent, services, listen_addrs, reachable, uptime_s });
+    let info = (
+        ".{0,20}",
+        proptest::collection::vec("[a-z]{1,8}", 0..5),
+        proptest::collection::vec(".{0,30}", 0..3),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(agent, services, listen_addrs, reachable, uptime_s)| NodeInfo {
+                agent,
+                services,
+                listen_addrs,
+                reachable,
+                uptime_s,
+            },
+        );
     prop_oneof![
         (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64))
             .prop_map(|(nonce, payload)| Response::Pong { nonce, payload }),
         info.prop_map(Response::NodeInfo),
-        proptest::collection::vec(outcome, 0..8).prop_map(|outcomes| Response::DhtStored { outcomes }),
+        proptest::collection::vec(outcome, 0..8)
+            .prop_map(|outcomes| Response::DhtStored { outcomes }),
         proptest::collection::vec(entry(), 0..8).prop_map(|entries| Response::DhtFound { entries }),
-        (error_code(), ".{0,40}").prop_map(|(code, message)| Response::Error(RpcError { code, message })),
+        (error_code(), ".{0,40}")
+            .prop_map(|(code, message)| Response::Error(RpcError { code, message })),
     ]
 }
 

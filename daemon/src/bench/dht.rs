@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use colony_protocol::{DhtKey, Subkey};
 use futures::StreamExt;
-use rand::seq::SliceRandom;
 use rand::Rng;
+use rand::seq::SliceRandom;
 use serde::Serialize;
 use tokio::sync::Mutex;
 
@@ -64,7 +64,10 @@ pub async fn run(args: DhtBenchArgs) -> anyhow::Result<()> {
     let nodes = args.nodes.unwrap_or(if args.quick { 10 } else { 50 });
     let ops = args.ops.unwrap_or(if args.quick { 100 } else { 500 });
     anyhow::ensure!(nodes >= 3, "--nodes must be at least 3");
-    anyhow::ensure!((0.0..1.0).contains(&args.churn), "--churn must be in [0, 1)");
+    anyhow::ensure!(
+        (0.0..1.0).contains(&args.churn),
+        "--churn must be in [0, 1)"
+    );
     let mut cases = Vec::new();
     for churn in [0.0, args.churn] {
         eprintln!("dht bench: {nodes} nodes, {ops} ops, churn {churn}");
@@ -72,7 +75,16 @@ pub async fn run(args: DhtBenchArgs) -> anyhow::Result<()> {
     }
     println!(
         "{:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>10}",
-        "nodes", "ops", "churn", "get p50", "get p99", "put p50", "put p99", "get ok", "put ok", "MiB/node"
+        "nodes",
+        "ops",
+        "churn",
+        "get p50",
+        "get p99",
+        "put p50",
+        "put p99",
+        "get ok",
+        "put ok",
+        "MiB/node"
     );
     for c in &cases {
         println!(
@@ -96,15 +108,25 @@ pub async fn run(args: DhtBenchArgs) -> anyhow::Result<()> {
 }
 
 async fn run_case(n: usize, ops: usize, churn: f64, concurrency: usize) -> anyhow::Result<DhtCase> {
-    let dir = tempfile::Builder::new().prefix("colony-bench-dht-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("colony-bench-dht-")
+        .tempdir()?;
     let rss0 = rss_mib();
-    let cfg = LocalSwarmConfig { nodes: n, bootstrap_from: 3, ..LocalSwarmConfig::default() };
+    let cfg = LocalSwarmConfig {
+        nodes: n,
+        bootstrap_from: 3,
+        ..LocalSwarmConfig::default()
+    };
     let replicas = cfg.template.dht.replicas;
     let mut swarm = LocalSwarm::start(dir.path(), cfg).await?;
-    swarm.wait_for_routing((n - 1).min(8), Duration::from_secs(60)).await?;
+    swarm
+        .wait_for_routing((n - 1).min(8), Duration::from_secs(60))
+        .await?;
     let rss_per_node = rss0.zip(rss_mib()).map(|(a, b)| (b - a) / n as f64);
 
-    let live: Arc<Mutex<Vec<NodeHandle>>> = Arc::new(Mutex::new(swarm.nodes.iter().map(|x| x.handle.clone()).collect()));
+    let live: Arc<Mutex<Vec<NodeHandle>>> = Arc::new(Mutex::new(
+        swarm.nodes.iter().map(|x| x.handle.clone()).collect(),
+    ));
     let case = rand::random::<u32>();
 
     // Phase 1: puts.
@@ -112,12 +134,26 @@ async fn run_case(n: usize, ops: usize, churn: f64, concurrency: usize) -> anyho
         .map(|i| {
             let live = live.clone();
             async move {
-                let h = live.lock().await.choose(&mut rand::thread_rng()).cloned().expect("nodes");
+                let h = live
+                    .lock()
+                    .await
+                    .choose(&mut rand::thread_rng())
+                    .cloned()
+                    .expect("nodes");
                 let key = DhtKey::new(format!("bench/{case}/{i}")).expect("valid key");
                 let value: Vec<u8> = (0..64).map(|_| rand::thread_rng().r#gen()).collect();
                 let t = Instant::now();
-                let ok = h.dht_put_owned(key.clone(), value.clone(), Duration::from_secs(600)).await.is_ok();
-                (key, h.signer().public(), value, t.elapsed().as_secs_f64() * 1e3, ok)
+                let ok = h
+                    .dht_put_owned(key.clone(), value.clone(), Duration::from_secs(600))
+                    .await
+                    .is_ok();
+                (
+                    key,
+                    h.signer().public(),
+                    value,
+                    t.elapsed().as_secs_f64() * 1e3,
+                    ok,
+                )
             }
         })
         .buffer_unordered(concurrency)
@@ -163,10 +199,18 @@ async fn run_case(n: usize, ops: usize, churn: f64, concurrency: usize) -> anyho
                 let live = live.clone();
                 async move {
                     // Pace the reads so churn overlaps them.
-                    let h = live.lock().await.choose(&mut rand::thread_rng()).cloned().expect("nodes");
+                    let h = live
+                        .lock()
+                        .await
+                        .choose(&mut rand::thread_rng())
+                        .cloned()
+                        .expect("nodes");
                     let t = Instant::now();
                     let ok = match h.dht_get(key).await {
-                        Ok(r) => r.entries.iter().any(|e| e.subkey == Subkey::Owner(*owner) && e.value == *value),
+                        Ok(r) => r
+                            .entries
+                            .iter()
+                            .any(|e| e.subkey == Subkey::Owner(*owner) && e.value == *value),
                         Err(_) => false,
                     };
                     (t.elapsed().as_secs_f64() * 1e3, ok)

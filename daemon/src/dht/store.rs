@@ -18,7 +18,10 @@ pub struct StoreLimits {
 
 impl Default for StoreLimits {
     fn default() -> Self {
-        Self { max_keys: 100_000, max_total_bytes: 256 * 1024 * 1024 }
+        Self {
+            max_keys: 100_000,
+            max_total_bytes: 256 * 1024 * 1024,
+        }
     }
 }
 
@@ -50,7 +53,10 @@ pub enum StoreError {
 
 impl LocalStore {
     pub fn new(limits: StoreLimits) -> Self {
-        Self { limits, ..Self::default() }
+        Self {
+            limits,
+            ..Self::default()
+        }
     }
 
     /// Validates and merges one entry.
@@ -71,7 +77,7 @@ impl LocalStore {
         let new_bytes = entry.footprint();
         let old_bytes = match slot.entries.get(&entry.subkey) {
             Some(old) if !old.is_expired(now_ms) && !entry.supersedes(old) => {
-                return Ok(StoreOutcome::Outdated)
+                return Ok(StoreOutcome::Outdated);
             }
             Some(old) => old.footprint(),
             None => {
@@ -111,7 +117,13 @@ impl LocalStore {
     pub fn get(&self, key: &DhtKey, now_ms: u64) -> Vec<DhtEntry> {
         self.keys
             .get(key)
-            .map(|slot| slot.entries.values().filter(|e| !e.is_expired(now_ms)).cloned().collect())
+            .map(|slot| {
+                slot.entries
+                    .values()
+                    .filter(|e| !e.is_expired(now_ms))
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -143,14 +155,24 @@ impl LocalStore {
     /// Every unexpired entry, for a snapshot.
     pub fn snapshot(&self, now_ms: u64) -> StoreSnapshot {
         StoreSnapshot {
-            entries: self.keys.values().flat_map(|s| s.entries.values()).filter(|e| !e.is_expired(now_ms)).cloned().collect(),
+            entries: self
+                .keys
+                .values()
+                .flat_map(|s| s.entries.values())
+                .filter(|e| !e.is_expired(now_ms))
+                .cloned()
+                .collect(),
         }
     }
 
     /// Loads a snapshot, re-validating every entry (a snapshot file is untrusted input).
     /// Returns how many entries were refused.
     pub fn restore(&mut self, snapshot: StoreSnapshot, now_ms: u64) -> usize {
-        snapshot.entries.into_iter().filter(|e| self.put(e.clone(), now_ms).is_err()).count()
+        snapshot
+            .entries
+            .into_iter()
+            .filter(|e| self.put(e.clone(), now_ms).is_err())
+            .count()
     }
 }
 
@@ -161,7 +183,10 @@ pub struct StoreSnapshot {
 }
 
 /// Merges entries from several sources (peers' answers) into the newest per subkey.
-pub fn merge_newest(into: &mut BTreeMap<Subkey, DhtEntry>, entries: impl IntoIterator<Item = DhtEntry>) {
+pub fn merge_newest(
+    into: &mut BTreeMap<Subkey, DhtEntry>,
+    entries: impl IntoIterator<Item = DhtEntry>,
+) {
     for e in entries {
         match into.get(&e.subkey) {
             Some(old) if !e.supersedes(old) => {}
@@ -187,13 +212,44 @@ mod tests {
     fn newest_wins_and_expiry_removes() {
         let mut s = LocalStore::default();
         let k = key("a/b");
-        assert_eq!(s.put(DhtEntry::plain(k.clone(), "x", b"1".to_vec(), NOW + 100), NOW).unwrap(), StoreOutcome::Stored);
-        assert_eq!(s.put(DhtEntry::plain(k.clone(), "x", b"0".to_vec(), NOW + 50), NOW).unwrap(), StoreOutcome::Outdated);
-        assert_eq!(s.put(DhtEntry::plain(k.clone(), "x", b"2".to_vec(), NOW + 200), NOW).unwrap(), StoreOutcome::Stored);
-        s.put(DhtEntry::plain(k.clone(), "y", b"3".to_vec(), NOW + 10), NOW).unwrap();
+        assert_eq!(
+            s.put(
+                DhtEntry::plain(k.clone(), "x", b"1".to_vec(), NOW + 100),
+                NOW
+            )
+            .unwrap(),
+            StoreOutcome::Stored
+        );
+        assert_eq!(
+            s.put(
+                DhtEntry::plain(k.clone(), "x", b"0".to_vec(), NOW + 50),
+                NOW
+            )
+            .unwrap(),
+            StoreOutcome::Outdated
+        );
+        assert_eq!(
+            s.put(
+                DhtEntry::plain(k.clone(), "x", b"2".to_vec(), NOW + 200),
+                NOW
+            )
+            .unwrap(),
+            StoreOutcome::Stored
+        );
+        s.put(
+            DhtEntry::plain(k.clone(), "y", b"3".to_vec(), NOW + 10),
+            NOW,
+        )
+        .unwrap();
         let got = s.get(&k, NOW);
         assert_eq!(got.len(), 2);
-        assert_eq!(got.iter().find(|e| e.subkey == Subkey::Plain(b"x".to_vec())).unwrap().value, b"2");
+        assert_eq!(
+            got.iter()
+                .find(|e| e.subkey == Subkey::Plain(b"x".to_vec()))
+                .unwrap()
+                .value,
+            b"2"
+        );
         assert_eq!(s.get(&k, NOW + 10).len(), 1, "y expired");
         s.purge_expired(NOW + 1000);
         assert!(s.is_empty());
@@ -205,29 +261,56 @@ mod tests {
         let mut s = LocalStore::default();
         let owner = NodeKeypair::from_secret([1; 32]);
         let k = key("run/x/progress");
-        s.put(DhtEntry::owned(k.clone(), &owner, b"mine".to_vec(), NOW + 100), NOW).unwrap();
+        s.put(
+            DhtEntry::owned(k.clone(), &owner, b"mine".to_vec(), NOW + 100),
+            NOW,
+        )
+        .unwrap();
         let intruder = NodeKeypair::from_secret([2; 32]);
         let mut forged = DhtEntry::owned(k.clone(), &intruder, b"yours".to_vec(), NOW + 500);
         forged.subkey = Subkey::Owner(owner.public());
-        assert!(matches!(s.put(forged, NOW), Err(StoreError::Invalid(RecordError::Signature { .. }))));
+        assert!(matches!(
+            s.put(forged, NOW),
+            Err(StoreError::Invalid(RecordError::Signature { .. }))
+        ));
         assert_eq!(s.get(&k, NOW)[0].value, b"mine");
     }
 
     #[test]
     fn limits_hold() {
-        let mut s = LocalStore::new(StoreLimits { max_keys: 2, max_total_bytes: 10_000 });
-        s.put(DhtEntry::plain(key("k1"), "a", vec![], NOW + 100), NOW).unwrap();
-        s.put(DhtEntry::plain(key("k2"), "a", vec![], NOW + 100), NOW).unwrap();
-        assert_eq!(s.put(DhtEntry::plain(key("k3"), "a", vec![], NOW + 100), NOW), Err(StoreError::StoreFull));
+        let mut s = LocalStore::new(StoreLimits {
+            max_keys: 2,
+            max_total_bytes: 10_000,
+        });
+        s.put(DhtEntry::plain(key("k1"), "a", vec![], NOW + 100), NOW)
+            .unwrap();
+        s.put(DhtEntry::plain(key("k2"), "a", vec![], NOW + 100), NOW)
+            .unwrap();
+        assert_eq!(
+            s.put(DhtEntry::plain(key("k3"), "a", vec![], NOW + 100), NOW),
+            Err(StoreError::StoreFull)
+        );
         // Once k1 expires, its room is reclaimed.
-        s.put(DhtEntry::plain(key("k1"), "a", vec![], NOW + 101), NOW).unwrap();
-        assert_eq!(s.put(DhtEntry::plain(key("k4"), "b", vec![0; 20_000], NOW + 500), NOW + 200).unwrap_err(), StoreError::StoreFull);
+        s.put(DhtEntry::plain(key("k1"), "a", vec![], NOW + 101), NOW)
+            .unwrap();
+        assert_eq!(
+            s.put(
+                DhtEntry::plain(key("k4"), "b", vec![0; 20_000], NOW + 500),
+                NOW + 200
+            )
+            .unwrap_err(),
+            StoreError::StoreFull
+        );
     }
 
     #[test]
     fn snapshot_round_trip_revalidates() {
         let mut s = LocalStore::default();
-        s.put(DhtEntry::plain(key("k"), "a", b"v".to_vec(), NOW + 100), NOW).unwrap();
+        s.put(
+            DhtEntry::plain(key("k"), "a", b"v".to_vec(), NOW + 100),
+            NOW,
+        )
+        .unwrap();
         let mut snap = s.snapshot(NOW);
         let mut bad = snap.entries[0].clone();
         bad.subkey = Subkey::Owner(NodeKeypair::from_secret([5; 32]).public());

@@ -8,21 +8,24 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use colony_protocol::names::MAX_ENTRIES_PER_STORE;
+use colony_protocol::rpc::RpcErrorCode;
 use colony_protocol::{DhtEntry, DhtKey, NodeInfo, Request, Response, StoreOutcome};
 use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{gossipsub, identify, kad, ping, request_response, Multiaddr, PeerId, Swarm};
+use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, kad, ping, request_response};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::codec::Wire;
 use super::penalty::{Penalties, Verdict};
-use super::{Behaviour, BehaviourEvent, AGENT};
+use super::{AGENT, Behaviour, BehaviourEvent};
 use crate::clock::now_ms;
 use crate::dht::store::{LocalStore, StoreError, StoreSnapshot};
-use crate::storage::{write_atomic, DataDir};
+use crate::storage::{DataDir, write_atomic};
 
 /// Why an RPC to a peer failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -83,19 +86,59 @@ pub struct Closest {
 /// The closed set of things a handle can ask of the actor.
 #[derive(Debug)]
 pub enum Command {
-    ClosestPeers { key: Vec<u8>, reply: oneshot::Sender<Closest> },
-    Rpc { peer: PeerId, addrs: Vec<Multiaddr>, request: Request, reply: oneshot::Sender<Result<Response, RpcFailure>> },
-    LocalPut { entries: Vec<DhtEntry>, reply: oneshot::Sender<Vec<StoreOutcome>> },
-    LocalGet { key: DhtKey, reply: oneshot::Sender<Vec<DhtEntry>> },
+    ClosestPeers {
+        key: Vec<u8>,
+        reply: oneshot::Sender<Closest>,
+    },
+    Rpc {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: Request,
+        reply: oneshot::Sender<Result<Response, RpcFailure>>,
+    },
+    LocalPut {
+        entries: Vec<DhtEntry>,
+        reply: oneshot::Sender<Vec<StoreOutcome>>,
+    },
+    LocalGet {
+        key: DhtKey,
+        reply: oneshot::Sender<Vec<DhtEntry>>,
+    },
     /// Held entries grouped by key, with the closest peers from the local routing table.
-    ReplicationPlan { per_key: usize, reply: oneshot::Sender<Vec<(Vec<DhtEntry>, Vec<PeerId>)>> },
-    Offence { peer: PeerId, reason: String },
-    Status { reply: oneshot::Sender<NodeStatus> },
-    Peers { reply: oneshot::Sender<Vec<PeerSummary>> },
-    Dial { addr: Multiaddr, reply: oneshot::Sender<Result<(), String>> },
-    ListenAddrs { reply: oneshot::Sender<Vec<Multiaddr>> },
-    Subscribe { topic: String, reply: oneshot::Sender<Result<(), String>> },
-    Publish { topic: String, data: Vec<u8>, reply: oneshot::Sender<Result<(), String>> },
+    ReplicationPlan {
+        per_key: usize,
+        reply: oneshot::Sender<Vec<(Vec<DhtEntry>, Vec<PeerId>)>>,
+    },
+    Offence {
+        peer: PeerId,
+        reason: String,
+    },
+    Status {
+        reply: oneshot::Sender<NodeStatus>,
+    },
+    Peers {
+        reply: oneshot::Sender<Vec<PeerSummary>>,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    IsConnected {
+        peer: PeerId,
+        reply: oneshot::Sender<bool>,
+    },
+    Subscribe {
+        topic: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Publish {
+        topic: String,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 #[derive(Default)]
@@ -115,13 +158,23 @@ pub struct SwarmActor {
     gossip_tx: broadcast::Sender<GossipMessage>,
     store: LocalStore,
     penalties: Penalties,
-    pending_rpc: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Response, RpcFailure>>>,
+    pending_rpc:
+        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Response, RpcFailure>>>,
     pending_closest: HashMap<kad::QueryId, oneshot::Sender<Closest>>,
     peers: HashMap<PeerId, PeerState>,
     data_dir: DataDir,
     services: Vec<String>,
     started: Instant,
     bootstrapped: bool,
+    /// Relays to keep a circuit listener open through, with the listener (if any) and when
+    /// it was last attempted.
+    relays: Vec<RelayListen>,
+}
+
+struct RelayListen {
+    circuit: Multiaddr,
+    listener: Option<ListenerId>,
+    last_attempt: Option<Instant>,
 }
 
 impl SwarmActor {
@@ -132,7 +185,16 @@ impl SwarmActor {
         store: LocalStore,
         data_dir: DataDir,
         services: Vec<String>,
+        relays: Vec<Multiaddr>,
     ) -> Self {
+        let relays = relays
+            .into_iter()
+            .map(|r| RelayListen {
+                circuit: r.with(Protocol::P2pCircuit),
+                listener: None,
+                last_attempt: None,
+            })
+            .collect();
         Self {
             swarm,
             commands,
@@ -146,6 +208,7 @@ impl SwarmActor {
             services,
             started: Instant::now(),
             bootstrapped: false,
+            relays,
         }
     }
 
@@ -167,8 +230,13 @@ impl SwarmActor {
     fn shutdown(&mut self) {
         let snap = self.store.snapshot(now_ms());
         let path = self.data_dir.dht_snapshot();
-        match colony_protocol::codec::encode_file(&snap).map_err(anyhow::Error::from).and_then(|b| write_atomic(&path, &b, 0o600)) {
-            Ok(()) => info!(entries = snap.entries.len(), path = %path.display(), "dht snapshot written"),
+        match colony_protocol::codec::encode_file(&snap)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| write_atomic(&path, &b, 0o600))
+        {
+            Ok(()) => {
+                info!(entries = snap.entries.len(), path = %path.display(), "dht snapshot written")
+            }
             Err(e) => warn!(path = %path.display(), "cannot write dht snapshot: {e:#}"),
         }
         for (_, reply) in self.pending_rpc.drain() {
@@ -183,6 +251,18 @@ impl SwarmActor {
             self.swarm.behaviour_mut().blocked.unblock_peer(peer);
         }
         self.store.purge_expired(now_ms());
+        for r in &mut self.relays {
+            let due = r
+                .last_attempt
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5));
+            if r.listener.is_none() && due {
+                r.last_attempt = Some(now);
+                match self.swarm.listen_on(r.circuit.clone()) {
+                    Ok(id) => r.listener = Some(id),
+                    Err(e) => warn!(circuit = %r.circuit, "cannot listen through relay: {e}"),
+                }
+            }
+        }
     }
 
     fn offence(&mut self, peer: PeerId, reason: &str) {
@@ -202,12 +282,21 @@ impl SwarmActor {
                 let id = self.swarm.behaviour_mut().kad.get_closest_peers(key);
                 self.pending_closest.insert(id, reply);
             }
-            Command::Rpc { peer, addrs, request, reply } => {
+            Command::Rpc {
+                peer,
+                addrs,
+                request,
+                reply,
+            } => {
                 if peer == *self.swarm.local_peer_id() {
                     let _ = reply.send(Ok(self.serve(peer, request)));
                     return;
                 }
-                let id = self.swarm.behaviour_mut().rpc.send_request_with_addresses(&peer, request, addrs);
+                let id = self.swarm.behaviour_mut().rpc.send_request_with_addresses(
+                    &peer,
+                    Wire::Valid(request),
+                    addrs,
+                );
                 self.pending_rpc.insert(id, reply);
             }
             Command::LocalPut { entries, reply } => {
@@ -259,21 +348,39 @@ impl SwarmActor {
             }
             Command::Dial { addr, reply } => {
                 if let Some(Protocol::P2p(peer)) = addr.iter().last() {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                 }
                 let _ = reply.send(self.swarm.dial(addr).map_err(|e| e.to_string()));
+            }
+            Command::IsConnected { peer, reply } => {
+                let _ = reply.send(self.swarm.is_connected(&peer));
             }
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
             Command::Subscribe { topic, reply } => {
                 let t = gossipsub::IdentTopic::new(topic);
-                let r = self.swarm.behaviour_mut().gossip.subscribe(&t).map(|_| ()).map_err(|e| e.to_string());
+                let r = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossip
+                    .subscribe(&t)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
                 let _ = reply.send(r);
             }
             Command::Publish { topic, data, reply } => {
                 let t = gossipsub::IdentTopic::new(topic);
-                let r = self.swarm.behaviour_mut().gossip.publish(t, data).map(|_| ()).map_err(|e| e.to_string());
+                let r = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossip
+                    .publish(t, data)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
                 let _ = reply.send(r);
             }
         }
@@ -287,7 +394,11 @@ impl SwarmActor {
             peer_id: self.swarm.local_peer_id().to_string(),
             agent: AGENT.into(),
             listen_addrs: self.swarm.listeners().map(|a| a.to_string()).collect(),
-            external_addrs: self.swarm.external_addresses().map(|a| a.to_string()).collect(),
+            external_addrs: self
+                .swarm
+                .external_addresses()
+                .map(|a| a.to_string())
+                .collect(),
             connected_peers: self.swarm.connected_peers().count(),
             routing_table_peers,
             dht_mode,
@@ -336,10 +447,17 @@ impl SwarmActor {
             }),
             Request::DhtStore { entries } if entries.len() > MAX_ENTRIES_PER_STORE => {
                 self.offence(peer, "store request with too many entries");
-                Response::error(colony_protocol::rpc::RpcErrorCode::TooLarge, format!("at most {MAX_ENTRIES_PER_STORE} entries per store"))
+                Response::error(
+                    RpcErrorCode::TooLarge,
+                    format!("at most {MAX_ENTRIES_PER_STORE} entries per store"),
+                )
             }
-            Request::DhtStore { entries } => Response::DhtStored { outcomes: self.put_entries(Some(peer), entries) },
-            Request::DhtFind { key } => Response::DhtFound { entries: self.store.get(&key, now_ms()) },
+            Request::DhtStore { entries } => Response::DhtStored {
+                outcomes: self.put_entries(Some(peer), entries),
+            },
+            Request::DhtFind { key } => Response::DhtFound {
+                entries: self.store.get(&key, now_ms()),
+            },
         }
     }
 
@@ -352,7 +470,9 @@ impl SwarmActor {
                     self.swarm.add_external_address(address);
                 }
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
                 let addr = endpoint.get_remote_address().clone();
                 debug!(peer = %peer_id, %addr, "connected");
                 let st = self.peers.entry(peer_id).or_default();
@@ -365,7 +485,11 @@ impl SwarmActor {
                     self.bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
                 if num_established == 0 {
                     self.peers.remove(&peer_id);
                 } else if let Some(st) = self.peers.get_mut(&peer_id) {
@@ -375,10 +499,39 @@ impl SwarmActor {
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(?peer_id, "outgoing connection failed: {error}");
             }
-            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
                 debug!(%send_back_addr, "incoming connection failed: {error}");
             }
-            SwarmEvent::ExternalAddrConfirmed { address } => info!(%address, "external address confirmed"),
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                info!(%address, "external address confirmed")
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some(r) = self
+                    .relays
+                    .iter_mut()
+                    .find(|r| r.listener == Some(listener_id))
+                {
+                    warn!(circuit = %r.circuit, ?reason, "relay circuit listener closed; will retry");
+                    r.listener = None;
+                }
+            }
+            SwarmEvent::ListenerError { listener_id, error } => {
+                if let Some(r) = self
+                    .relays
+                    .iter_mut()
+                    .find(|r| r.listener == Some(listener_id))
+                {
+                    warn!(circuit = %r.circuit, "relay circuit listener failed: {error}");
+                }
+            }
             _ => {}
         }
     }
@@ -386,7 +539,9 @@ impl SwarmActor {
     fn on_behaviour_event(&mut self, ev: BehaviourEvent) {
         match ev {
             BehaviourEvent::Rpc(ev) => self.on_rpc_event(ev),
-            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            }) => {
                 if let kad::QueryResult::GetClosestPeers(r) = result {
                     let peers = match r {
                         Ok(ok) => ok.peers,
@@ -410,7 +565,10 @@ impl SwarmActor {
                 let is_server = info.protocols.contains(&kad_proto);
                 if is_server {
                     for addr in info.listen_addrs.iter().filter(|a| is_dialable(a)) {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, addr.clone());
                     }
                 }
                 let st = self.peers.entry(peer_id).or_default();
@@ -418,7 +576,11 @@ impl SwarmActor {
                 st.dht_server = is_server;
             }
             BehaviourEvent::Identify(_) => {}
-            BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. }) => {
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            }) => {
                 if let Some(st) = self.peers.get_mut(&peer) {
                     st.rtt = Some(rtt);
                 }
@@ -440,35 +602,73 @@ impl SwarmActor {
         }
     }
 
-    fn on_rpc_event(&mut self, ev: request_response::Event<Request, Response>) {
-        use request_response::{Event, InboundFailure, Message};
+    fn on_rpc_event(&mut self, ev: request_response::Event<Wire<Request>, Wire<Response>>) {
+        use request_response::{Event, Message};
         match ev {
-            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
-                let response = self.serve(peer, request);
-                if self.swarm.behaviour_mut().rpc.send_response(channel, response).is_err() {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let response = match request {
+                    Wire::Valid(request) => self.serve(peer, request),
+                    Wire::Invalid(why) => {
+                        self.offence(peer, &format!("sent a bad request: {why}"));
+                        Response::error(RpcErrorCode::BadRequest, why)
+                    }
+                };
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .rpc
+                    .send_response(channel, Wire::Valid(response))
+                    .is_err()
+                {
                     debug!(%peer, "response not sent: stream closed");
                 }
             }
-            Event::Message { message: Message::Response { request_id, response }, .. } => {
+            Event::Message {
+                peer,
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                let result = match response {
+                    Wire::Valid(r) => Ok(r),
+                    Wire::Invalid(why) => {
+                        self.offence(peer, &format!("sent a bad response: {why}"));
+                        Err(RpcFailure::Failed {
+                            peer,
+                            reason: format!("bad response: {why}"),
+                        })
+                    }
+                };
                 if let Some(reply) = self.pending_rpc.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
+                    let _ = reply.send(result);
                 }
             }
-            Event::OutboundFailure { peer, request_id, error, .. } => {
-                if matches!(&error, request_response::OutboundFailure::Io(e) if e.kind() == std::io::ErrorKind::InvalidData) {
-                    self.offence(peer, &format!("sent a malformed response: {error}"));
-                }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
                 if let Some(reply) = self.pending_rpc.remove(&request_id) {
-                    let _ = reply.send(Err(RpcFailure::Failed { peer, reason: error.to_string() }));
+                    let _ = reply.send(Err(RpcFailure::Failed {
+                        peer,
+                        reason: error.to_string(),
+                    }));
                 }
             }
-            Event::InboundFailure { peer, error, .. } => match &error {
-                InboundFailure::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    self.offence(peer, &format!("sent a malformed request: {e}"));
-                }
-                InboundFailure::Timeout => self.offence(peer, "opened an rpc stream and did not finish its request in time"),
-                other => debug!(%peer, "inbound rpc failed: {other}"),
-            },
+            Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, "inbound rpc failed: {error}")
+            }
             Event::ResponseSent { .. } => {}
         }
     }
@@ -476,7 +676,14 @@ impl SwarmActor {
 
 fn is_forgery(e: &colony_protocol::RecordError) -> bool {
     use colony_protocol::RecordError::*;
-    matches!(e, Signature { .. } | MissingSignature { .. } | UnexpectedSignature { .. } | ValueTooLarge { .. } | SubkeyTooLarge { .. })
+    matches!(
+        e,
+        Signature { .. }
+            | MissingSignature { .. }
+            | UnexpectedSignature { .. }
+            | ValueTooLarge { .. }
+            | SubkeyTooLarge { .. }
+    )
 }
 
 /// Whether an address can be dialled by others (not unspecified, not a relay circuit).
@@ -493,7 +700,9 @@ fn is_dialable(addr: &Multiaddr) -> bool {
 /// entries will come back from other replicas), never fatal.
 pub fn load_snapshot(data_dir: &DataDir, store: &mut LocalStore) {
     let path = data_dir.dht_snapshot();
-    let Ok(bytes) = std::fs::read(&path) else { return };
+    let Ok(bytes) = std::fs::read(&path) else {
+        return;
+    };
     match colony_protocol::codec::decode_file::<StoreSnapshot>(&bytes) {
         Ok(snap) => {
             let n = snap.entries.len();

@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use colony_protocol::names::{IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_GOSSIP_BYTES};
-use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, identity::Keypair, kad,
-    noise, ping, relay, request_response, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder,
+    StreamProtocol, Swarm, SwarmBuilder, allow_block_list, autonat, connection_limits, dcutr,
+    gossipsub, identify, identity::Keypair, kad, noise, ping, relay, request_response, tcp, yamux,
 };
 
 use crate::config::{NodeConfig, Reachability};
@@ -47,7 +47,11 @@ pub fn build(key: Keypair, config: &NodeConfig) -> anyhow::Result<Swarm<Behaviou
     let idle = Duration::from_secs(limits.idle_connection_timeout_s);
     let swarm = SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .context("cannot set up the TCP transport")?
         .with_quic()
         .with_dns()
@@ -72,18 +76,25 @@ fn behaviour(
     kad_cfg.set_query_timeout(config.dht.lookup_timeout());
     // Records travel over our own RPC (per-subkey merge, signatures, limits); Kademlia only
     // routes. Its own record store stays empty.
-    kad_cfg.set_record_ttl(None).set_publication_interval(None).set_replication_interval(None);
+    kad_cfg
+        .set_record_ttl(None)
+        .set_publication_interval(None)
+        .set_replication_interval(None);
     kad_cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(120)));
     kad_cfg.set_replication_factor(NonZeroUsize::new(20).expect("non-zero"));
-    let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
+    let mut kad =
+        kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
     kad.set_mode(match config.reachability {
         Reachability::Public => Some(kad::Mode::Server),
         Reachability::Private => Some(kad::Mode::Client),
         Reachability::Auto => None,
     });
 
+    // A peer gets somewhat less than the whole request timeout to send its message, so a
+    // stalled stream is seen (and penalised) by the codec before libp2p drops it silently.
+    let read_timeout = config.dht.rpc_timeout().mul_f32(0.8);
     let rpc = request_response::Behaviour::with_codec(
-        RpcCodec,
+        RpcCodec { read_timeout },
         [(codec::PROTOCOL, request_response::ProtocolSupport::Full)],
         request_response::Config::default()
             .with_request_timeout(config.dht.rpc_timeout())
@@ -95,7 +106,10 @@ fn behaviour(
         .validation_mode(gossipsub::ValidationMode::Strict)
         .heartbeat_interval(Duration::from_secs(1))
         .build()?;
-    let gossip = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_cfg)?;
+    let gossip = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        gossip_cfg,
+    )?;
 
     let identify = identify::Behaviour::new(
         identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())

@@ -18,7 +18,11 @@ pub struct PenaltyConfig {
 
 impl Default for PenaltyConfig {
     fn default() -> Self {
-        Self { strikes_to_ban: 3, window: Duration::from_secs(600), ban: Duration::from_secs(600) }
+        Self {
+            strikes_to_ban: 3,
+            window: Duration::from_secs(600),
+            ban: Duration::from_secs(600),
+        }
     }
 }
 
@@ -39,7 +43,10 @@ pub struct Penalties {
 
 impl Penalties {
     pub fn new(config: PenaltyConfig) -> Self {
-        Self { config, ..Self::default() }
+        Self {
+            config,
+            ..Self::default()
+        }
     }
 
     /// Records one offence by `peer` at `now`.
@@ -66,7 +73,12 @@ impl Penalties {
 
     /// Removes expired bans and returns the peers to unblock.
     pub fn expire(&mut self, now: Instant) -> Vec<PeerId> {
-        let done: Vec<PeerId> = self.banned.iter().filter(|(_, u)| **u <= now).map(|(p, _)| *p).collect();
+        let done: Vec<PeerId> = self
+            .banned
+            .iter()
+            .filter(|(_, u)| **u <= now)
+            .map(|(p, _)| *p)
+            .collect();
         for p in &done {
             self.banned.remove(p);
         }
@@ -111,6 +123,9 @@ mod tests {
         let t0 = Instant::now();
         p.offence(peer, t0);
         p.offence(peer, t0);
-        assert_eq!(p.offence(peer, t0 + Duration::from_secs(700)), Verdict::Warned { strikes: 1 });
+        assert_eq!(
+            p.offence(peer, t0 + Duration::from_secs(700)),
+            Verdict::Warned { strikes: 1 }
+        );
     }
 }

@@ -1,0 +1,9 @@
+//! Colony's multi-node scenarios: in-process swarms, the real binary as processes, and hosts
+//! in network namespaces.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod in_process;
+mod misbehaviour;
+mod netns_relay;
+mod processes;
