@@ -206,4 +206,15 @@ mod tests {
         let err = format!("{:#}", NodeConfig::load(&p).unwrap_err());
         assert!(err.contains("/p2p/"), "{err}");
     }
+
+    #[test]
+    fn example_file_parses_and_shows_the_defaults() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/node.example.toml");
+        let c = NodeConfig::load(&p).unwrap();
+        assert_eq!(
+            serde_json::to_value(&c).unwrap(),
+            serde_json::to_value(NodeConfig::default()).unwrap(),
+            "deploy/node.example.toml must list the defaults"
+        );
+    }
 }

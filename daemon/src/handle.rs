@@ -6,6 +6,7 @@
 //! affected.
 
 use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -179,10 +180,15 @@ impl NodeHandle {
         }
     }
 
-    /// The nodes closest to `key` (iterative Kademlia lookup), closest first.
-    pub async fn closest_peers(&self, key: &DhtKey) -> anyhow::Result<Closest> {
+    /// The `n` nodes closest to `key` (iterative Kademlia lookup), closest first.
+    pub async fn closest_peers(&self, key: &DhtKey, n: usize) -> anyhow::Result<Closest> {
         let bytes = key.as_str().as_bytes().to_vec();
-        let fut = self.ask(|reply| Command::ClosestPeers { key: bytes, reply });
+        let n = NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN);
+        let fut = self.ask(|reply| Command::ClosestPeers {
+            key: bytes,
+            n,
+            reply,
+        });
         match tokio::time::timeout(self.dht.lookup_timeout() + Duration::from_secs(1), fut).await {
             Ok(r) => r,
             Err(_) => bail!("closest-peers lookup for {key} timed out"),
@@ -199,7 +205,7 @@ impl NodeHandle {
         let Closest {
             mut peers,
             self_server,
-        } = self.closest_peers(key).await?;
+        } = self.closest_peers(key, n).await?;
         if self_server || peers.is_empty() {
             peers.push((self.peer_id, vec![]));
         }
@@ -224,7 +230,9 @@ impl NodeHandle {
         for e in &entries {
             e.validate(now)?;
         }
+        let t0 = std::time::Instant::now();
         let targets = self.replica_set(&key, self.dht.replicas).await?;
+        let lookup = t0.elapsed();
         let calls = targets.into_iter().map(|(peer, addrs)| {
             let entries = entries.clone();
             async move {
@@ -246,7 +254,9 @@ impl NodeHandle {
             }
         });
         let mut report = StoreReport::default();
-        for (peer, r) in join_all(calls).await {
+        let results = join_all(calls).await;
+        tracing::debug!(%key, lookup_ms = lookup.as_millis() as u64, total_ms = t0.elapsed().as_millis() as u64, "dht store");
+        for (peer, r) in results {
             let name = peer.to_string();
             match r {
                 Ok(outcomes) if outcomes.iter().all(|o| *o == StoreOutcome::Stored) => {
@@ -304,7 +314,9 @@ impl NodeHandle {
     /// The newest unexpired value of every subkey under `key`, merged from the closest nodes.
     /// Entries that fail validation are dropped and their sender penalised.
     pub async fn dht_get(&self, key: &DhtKey) -> anyhow::Result<GetResult> {
+        let t0 = std::time::Instant::now();
         let targets = self.replica_set(key, self.dht.get_fanout).await?;
+        let lookup = t0.elapsed();
         let asked = targets.len();
         let calls = targets.into_iter().map(|(peer, addrs)| async move {
             let r = if peer == self.peer_id {
@@ -327,6 +339,7 @@ impl NodeHandle {
             (peer, r)
         });
         let results = join_all(calls).await;
+        tracing::debug!(%key, lookup_ms = lookup.as_millis() as u64, total_ms = t0.elapsed().as_millis() as u64, "dht get");
         let now = now_ms();
         let mut merged = BTreeMap::new();
         let mut answered = 0;

@@ -68,11 +68,17 @@ impl LocalSwarm {
 
     /// Starts one more node (not added to `nodes`) bootstrapping from the seeds.
     pub async fn spawn_node(&mut self) -> anyhow::Result<Node> {
+        let seeds = self.seeds.clone();
+        self.spawn_node_with(seeds).await
+    }
+
+    /// Starts one more node (not added to `nodes`) bootstrapping from `bootstrap`.
+    pub async fn spawn_node_with(&mut self, bootstrap: Vec<Multiaddr>) -> anyhow::Result<Node> {
         let i = self.next_index;
         self.next_index += 1;
         let mut cfg = self.config.template.clone();
         cfg.data_dir = self.root.join(format!("node-{i}"));
-        cfg.bootstrap = self.seeds.clone();
+        cfg.bootstrap = bootstrap;
         if i == 0 {
             cfg.http = self.config.first_http;
         }

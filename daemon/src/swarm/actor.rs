@@ -5,6 +5,7 @@
 //! the DHT snapshot and returns, dropping the swarm (which closes every connection).
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use colony_protocol::names::MAX_ENTRIES_PER_STORE;
@@ -86,8 +87,11 @@ pub struct Closest {
 /// The closed set of things a handle can ask of the actor.
 #[derive(Debug)]
 pub enum Command {
+    /// The `n` closest peers to `key` (an iterative lookup that stops once the `n` closest
+    /// answered).
     ClosestPeers {
         key: Vec<u8>,
+        n: NonZeroUsize,
         reply: oneshot::Sender<Closest>,
     },
     Rpc {
@@ -278,8 +282,8 @@ impl SwarmActor {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::ClosestPeers { key, reply } => {
-                let id = self.swarm.behaviour_mut().kad.get_closest_peers(key);
+            Command::ClosestPeers { key, n, reply } => {
+                let id = self.swarm.behaviour_mut().kad.get_n_closest_peers(key, n);
                 self.pending_closest.insert(id, reply);
             }
             Command::Rpc {

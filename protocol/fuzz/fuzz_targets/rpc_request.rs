@@ -1,0 +1,12 @@
+//! Any bytes a peer sends as an RPC request: decode must return, never panic; whatever
+//! decodes must re-encode to the same bytes (the encoding is canonical).
+#![no_main]
+use colony_protocol::Request;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(req) = Request::from_bytes(data) {
+        let again = req.to_bytes().expect("a decoded request re-encodes");
+        assert_eq!(Request::from_bytes(&again).expect("re-decodes"), req);
+    }
+});

@@ -1,0 +1,11 @@
+//! Any bytes a peer sends as an RPC response.
+#![no_main]
+use colony_protocol::Response;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(resp) = Response::from_bytes(data) {
+        let again = resp.to_bytes().expect("a decoded response re-encodes");
+        assert_eq!(Response::from_bytes(&again).expect("re-decodes"), resp);
+    }
+});
