@@ -1,5 +1,6 @@
-//! Collaborative training (DeDLOC): models, data pipelines, optimizers, the collaborative step
-//! and the bandwidth-aware all-reduce, behind an injected transport.
+//! Collaborative training (DeDLOC): the bandwidth-aware all-reduce, and (to come) models, data
+//! pipelines, optimizers and the collaborative step, behind an injected transport.
 //!
-//! Not yet built: this crate is reserved in the workspace so the dependency direction
-//! (protocol ← trainer ← daemon) is fixed from the start. It will hold no sockets and no tokio.
+//! This crate holds no sockets and no tokio: the daemon provides the transport.
+
+pub mod allreduce;

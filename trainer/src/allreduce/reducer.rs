@@ -1,0 +1,163 @@
+//! Reducing one aggregator's shard: a weighted sum of every sender's copy of each part,
+//! divided by the total weight actually received.
+//!
+//! Fault semantics (hivemind's, made explicit): a sender that fails is dropped from every part
+//! it had not yet delivered; parts it did deliver keep its contribution. Each part's mean is
+//! therefore exact over the senders that contributed to it, and every receiver of that part
+//! gets the same numbers.
+
+/// Why a contribution was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ReduceError {
+    #[error("sender {0} is not in this group")]
+    UnknownSender(usize),
+    #[error("part {0} does not exist")]
+    UnknownPart(usize),
+    #[error("sender {sender} sent part {part} twice")]
+    Duplicate { sender: usize, part: usize },
+    #[error("sender {sender} sent {got} values for part {part}, expected {expected}")]
+    WrongLength { sender: usize, part: usize, got: usize, expected: usize },
+    #[error("sender {sender} sent a non-finite value or weight in part {part}")]
+    NotFinite { sender: usize, part: usize },
+    #[error("sender {0} already failed")]
+    SenderFailed(usize),
+}
+
+#[derive(Debug)]
+struct PartAcc {
+    sum: Vec<f64>,
+    weight: f64,
+    got: Vec<bool>,
+}
+
+/// The reducer of one shard, split into parts of the given lengths.
+#[derive(Debug)]
+pub struct ShardReducer {
+    parts: Vec<PartAcc>,
+    failed: Vec<bool>,
+}
+
+impl ShardReducer {
+    pub fn new(part_lens: &[usize], senders: usize) -> Self {
+        Self {
+            parts: part_lens
+                .iter()
+                .map(|&len| PartAcc { sum: vec![0.0; len], weight: 0.0, got: vec![false; senders] })
+                .collect(),
+            failed: vec![false; senders],
+        }
+    }
+
+    /// Adds `sender`'s copy of `part`, weighted by `weight` (its sample count).
+    pub fn add(&mut self, sender: usize, part: usize, weight: f64, data: &[f32]) -> Result<(), ReduceError> {
+        if sender >= self.failed.len() {
+            return Err(ReduceError::UnknownSender(sender));
+        }
+        if self.failed[sender] {
+            return Err(ReduceError::SenderFailed(sender));
+        }
+        let acc = self.parts.get_mut(part).ok_or(ReduceError::UnknownPart(part))?;
+        if acc.got[sender] {
+            return Err(ReduceError::Duplicate { sender, part });
+        }
+        if data.len() != acc.sum.len() {
+            return Err(ReduceError::WrongLength { sender, part, got: data.len(), expected: acc.sum.len() });
+        }
+        if !weight.is_finite() || weight < 0.0 || data.iter().any(|x| !x.is_finite()) {
+            return Err(ReduceError::NotFinite { sender, part });
+        }
+        for (s, &x) in acc.sum.iter_mut().zip(data) {
+            *s += weight * f64::from(x);
+        }
+        acc.weight += weight;
+        acc.got[sender] = true;
+        Ok(())
+    }
+
+    /// Drops `sender` from every part it has not delivered.
+    pub fn sender_failed(&mut self, sender: usize) {
+        if let Some(f) = self.failed.get_mut(sender) {
+            *f = true;
+        }
+    }
+
+    /// Whether every live sender has delivered `part`.
+    pub fn is_complete(&self, part: usize) -> bool {
+        self.parts.get(part).is_some_and(|acc| {
+            acc.got.iter().zip(&self.failed).all(|(got, failed)| *got || *failed)
+        })
+    }
+
+    /// The weighted mean of a complete part, or `None` if it is incomplete or nobody with a
+    /// positive weight contributed.
+    pub fn mean(&self, part: usize) -> Option<Vec<f32>> {
+        if !self.is_complete(part) {
+            return None;
+        }
+        let acc = &self.parts[part];
+        (acc.weight > 0.0).then(|| acc.sum.iter().map(|s| (s / acc.weight) as f32).collect())
+    }
+
+    /// Senders that contributed to `part`.
+    pub fn contributors(&self, part: usize) -> Vec<usize> {
+        self.parts.get(part).map_or(vec![], |acc| (0..acc.got.len()).filter(|&i| acc.got[i]).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Oracle: the plain weighted mean over exactly the senders listed.
+    fn exact(vectors: &[Vec<f32>], weights: &[f64], who: &[usize]) -> Vec<f32> {
+        let w: f64 = who.iter().map(|&i| weights[i]).sum();
+        (0..vectors[0].len())
+            .map(|k| (who.iter().map(|&i| weights[i] * f64::from(vectors[i][k])).sum::<f64>() / w) as f32)
+            .collect()
+    }
+
+    #[test]
+    fn weighted_mean_is_exact() {
+        let vectors = vec![vec![1.0, 2.0, 3.0, 4.0], vec![10.0, 20.0, 30.0, 40.0], vec![-1.0, 0.5, 7.0, 1e6]];
+        let weights = [3.0, 1.0, 0.5];
+        let mut r = ShardReducer::new(&[2, 2], 3);
+        for (s, v) in vectors.iter().enumerate() {
+            r.add(s, 0, weights[s], &v[..2]).unwrap();
+            r.add(s, 1, weights[s], &v[2..]).unwrap();
+        }
+        let got: Vec<f32> = [r.mean(0).unwrap(), r.mean(1).unwrap()].concat();
+        assert_eq!(got, exact(&vectors, &weights, &[0, 1, 2]));
+    }
+
+    #[test]
+    fn failed_sender_is_dropped_only_from_parts_it_missed() {
+        let vectors = vec![vec![1.0, 2.0], vec![3.0, 4.0], vec![5.0, 6.0]];
+        let weights = [1.0, 2.0, 3.0];
+        let mut r = ShardReducer::new(&[1, 1], 3);
+        r.add(0, 0, 1.0, &[1.0]).unwrap();
+        r.add(1, 0, 2.0, &[3.0]).unwrap();
+        r.add(2, 0, 3.0, &[5.0]).unwrap(); // sender 2 delivered part 0, then died
+        r.add(0, 1, 1.0, &[2.0]).unwrap();
+        assert!(!r.is_complete(1));
+        r.sender_failed(2);
+        assert!(!r.is_complete(1), "sender 1 is still alive and owes part 1");
+        r.add(1, 1, 2.0, &[4.0]).unwrap();
+        assert_eq!(r.mean(0).unwrap(), vec![exact(&vectors, &weights, &[0, 1, 2])[0]]);
+        assert_eq!(r.mean(1).unwrap(), vec![exact(&vectors, &weights, &[0, 1])[1]]);
+        assert_eq!(r.contributors(1), vec![0, 1]);
+        assert_eq!(r.add(2, 1, 3.0, &[6.0]), Err(ReduceError::SenderFailed(2)));
+    }
+
+    #[test]
+    fn bad_contributions_are_refused() {
+        let mut r = ShardReducer::new(&[2], 2);
+        assert_eq!(r.add(5, 0, 1.0, &[0.0, 0.0]), Err(ReduceError::UnknownSender(5)));
+        assert_eq!(r.add(0, 3, 1.0, &[0.0, 0.0]), Err(ReduceError::UnknownPart(3)));
+        assert!(matches!(r.add(0, 0, 1.0, &[0.0]), Err(ReduceError::WrongLength { .. })));
+        assert!(matches!(r.add(0, 0, 1.0, &[f32::NAN, 0.0]), Err(ReduceError::NotFinite { .. })));
+        assert!(matches!(r.add(0, 0, f64::INFINITY, &[0.0, 0.0]), Err(ReduceError::NotFinite { .. })));
+        r.add(0, 0, 1.0, &[1.0, 1.0]).unwrap();
+        assert!(matches!(r.add(0, 0, 1.0, &[1.0, 1.0]), Err(ReduceError::Duplicate { .. })));
+        assert_eq!(r.mean(0), None, "sender 1 still owes its part");
+    }
+}
