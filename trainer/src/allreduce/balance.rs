@@ -86,7 +86,9 @@ pub fn optimal_split(links: &[Link]) -> Result<Plan, BalanceError> {
             return Err(BalanceError::BadBandwidth(i));
         }
     }
-    let aggs: Vec<usize> = (0..links.len()).filter(|&i| links[i].mode.aggregates()).collect();
+    let aggs: Vec<usize> = (0..links.len())
+        .filter(|&i| links[i].mode.aggregates())
+        .collect();
     if aggs.is_empty() {
         return Err(BalanceError::NoAggregator);
     }
@@ -98,15 +100,25 @@ pub fn optimal_split(links: &[Link]) -> Result<Plan, BalanceError> {
 
     // Aggregators whose load does not grow with their shard (a ≤ 0: a group of at most two
     // senders) can take everything at no cost; give it to the fastest of them.
-    let free: Vec<usize> = aggs.iter().copied().filter(|&i| coefficients(links, i).1 <= 0.0).collect();
+    let free: Vec<usize> = aggs
+        .iter()
+        .copied()
+        .filter(|&i| coefficients(links, i).1 <= 0.0)
+        .collect();
     if let Some(&best) = free.iter().max_by(|&&x, &&y| b(x).total_cmp(&b(y))) {
         fractions[best] = 1.0;
-        return Ok(Plan { time_per_byte: time_per_byte(links, &fractions), fractions });
+        return Ok(Plan {
+            time_per_byte: time_per_byte(links, &fractions),
+            fractions,
+        });
     }
 
     // f_i(T) = max(0, (T b_i − c_i) / a_i); Σ f_i(T) is piecewise linear and increasing.
     // Walk the breakpoints T_i = c_i / b_i in order until the sum reaches 1.
-    let mut bps: Vec<(f64, usize)> = aggs.iter().map(|&i| (coefficients(links, i).0 / b(i), i)).collect();
+    let mut bps: Vec<(f64, usize)> = aggs
+        .iter()
+        .map(|&i| (coefficients(links, i).0 / b(i), i))
+        .collect();
     bps.sort_by(|x, y| x.0.total_cmp(&y.0));
     let (mut slope, mut offset) = (0.0, 0.0); // Σ f = slope·T − offset over active aggregators
     let mut t = bps[0].0;
@@ -130,7 +142,10 @@ pub fn optimal_split(links: &[Link]) -> Result<Plan, BalanceError> {
     for f in &mut fractions {
         *f /= sum;
     }
-    Ok(Plan { time_per_byte: time_per_byte(links, &fractions), fractions })
+    Ok(Plan {
+        time_per_byte: time_per_byte(links, &fractions),
+        fractions,
+    })
 }
 
 /// The lower bound on any all-reduce's time per byte (research/dedloc.md §6): every sender
@@ -147,7 +162,10 @@ pub fn lower_bound_per_byte(links: &[Link]) -> f64 {
     let sum_up: f64 = links.iter().map(|l| l.up).sum();
     let sum_down: f64 = links.iter().map(|l| l.down).sum();
     let total = 2.0 * (n - 1.0);
-    max_inv_up.max(max_inv_down).max(total / sum_up).max(total / sum_down)
+    max_inv_up
+        .max(max_inv_down)
+        .max(total / sum_up)
+        .max(total / sum_down)
 }
 
 #[cfg(test)]
@@ -155,7 +173,13 @@ mod tests {
     use super::*;
 
     fn sym(bw: &[f64]) -> Vec<Link> {
-        bw.iter().map(|&b| Link { up: b, down: b, mode: PeerMode::Node }).collect()
+        bw.iter()
+            .map(|&b| Link {
+                up: b,
+                down: b,
+                mode: PeerMode::Node,
+            })
+            .collect()
     }
 
     #[test]
@@ -166,7 +190,11 @@ mod tests {
             assert!((f - 0.125).abs() < 1e-12);
         }
         let lb = lower_bound_per_byte(&links);
-        assert!((p.time_per_byte - lb).abs() < 1e-12, "{} vs {lb}", p.time_per_byte);
+        assert!(
+            (p.time_per_byte - lb).abs() < 1e-12,
+            "{} vs {lb}",
+            p.time_per_byte
+        );
         assert!((lb - 2.0 * 7.0 / 800.0).abs() < 1e-15);
     }
 
@@ -176,7 +204,11 @@ mod tests {
         let links = sym(&[400.0, 200.0, 100.0, 100.0, 50.0, 50.0, 25.0, 25.0]);
         let p = optimal_split(&links).unwrap();
         let lb = lower_bound_per_byte(&links);
-        assert!((p.time_per_byte - lb).abs() / lb < 1e-9, "{} vs {lb}", p.time_per_byte);
+        assert!(
+            (p.time_per_byte - lb).abs() / lb < 1e-9,
+            "{} vs {lb}",
+            p.time_per_byte
+        );
         assert!((p.fractions.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         assert!(p.fractions[0] > p.fractions[2] && p.fractions[2] >= p.fractions[7]);
     }
@@ -189,15 +221,33 @@ mod tests {
             sym(&[10.0, 20.0, 30.0]),
             sym(&[1.0, 1.0, 50.0]),
             vec![
-                Link { up: 5.0, down: 50.0, mode: PeerMode::Node },
-                Link { up: 20.0, down: 20.0, mode: PeerMode::Node },
-                Link { up: 30.0, down: 10.0, mode: PeerMode::Aux },
-                Link { up: 8.0, down: 8.0, mode: PeerMode::Client },
+                Link {
+                    up: 5.0,
+                    down: 50.0,
+                    mode: PeerMode::Node,
+                },
+                Link {
+                    up: 20.0,
+                    down: 20.0,
+                    mode: PeerMode::Node,
+                },
+                Link {
+                    up: 30.0,
+                    down: 10.0,
+                    mode: PeerMode::Aux,
+                },
+                Link {
+                    up: 8.0,
+                    down: 8.0,
+                    mode: PeerMode::Client,
+                },
             ],
         ];
         for links in cases {
             let p = optimal_split(&links).unwrap();
-            let aggs: Vec<usize> = (0..links.len()).filter(|&i| links[i].mode.aggregates()).collect();
+            let aggs: Vec<usize> = (0..links.len())
+                .filter(|&i| links[i].mode.aggregates())
+                .collect();
             assert_eq!(aggs.len(), 3);
             let sub = |f3: [f64; 3]| {
                 let mut f = vec![0.0; links.len()];
@@ -210,19 +260,34 @@ mod tests {
             let mut best = f64::INFINITY;
             for x in 0..=steps {
                 for y in 0..=(steps - x) {
-                    let f3 = [x as f64 / steps as f64, y as f64 / steps as f64, (steps - x - y) as f64 / steps as f64];
+                    let f3 = [
+                        x as f64 / steps as f64,
+                        y as f64 / steps as f64,
+                        (steps - x - y) as f64 / steps as f64,
+                    ];
                     best = best.min(time_per_byte(&links, &sub(f3)));
                 }
             }
-            assert!(p.time_per_byte <= best * (1.0 + 1e-9), "{} > grid {best}", p.time_per_byte);
-            assert!(p.time_per_byte >= best * (1.0 - 0.02), "grid search should come close");
+            assert!(
+                p.time_per_byte <= best * (1.0 + 1e-9),
+                "{} > grid {best}",
+                p.time_per_byte
+            );
+            assert!(
+                p.time_per_byte >= best * (1.0 - 0.02),
+                "grid search should come close"
+            );
         }
     }
 
     #[test]
     fn clients_take_no_shard_and_slow_peers_can_be_idle() {
         let mut links = sym(&[100.0, 100.0, 100.0, 1.0]);
-        links.push(Link { up: 100.0, down: 100.0, mode: PeerMode::Client });
+        links.push(Link {
+            up: 100.0,
+            down: 100.0,
+            mode: PeerMode::Client,
+        });
         let p = optimal_split(&links).unwrap();
         assert_eq!(p.fractions[4], 0.0);
         assert_eq!(p.fractions[3], 0.0, "a 1-unit peer reduces nothing");
@@ -235,10 +300,30 @@ mod tests {
         let p = optimal_split(&sym(&[10.0, 30.0])).unwrap();
         assert!((p.fractions.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         assert!((p.time_per_byte - 0.1).abs() < 1e-12);
-        let only_clients = vec![Link { up: 1.0, down: 1.0, mode: PeerMode::Client }; 3];
-        assert_eq!(optimal_split(&only_clients), Err(BalanceError::NoAggregator));
-        let only_aux = vec![Link { up: 1.0, down: 1.0, mode: PeerMode::Aux }; 2];
+        let only_clients = vec![
+            Link {
+                up: 1.0,
+                down: 1.0,
+                mode: PeerMode::Client
+            };
+            3
+        ];
+        assert_eq!(
+            optimal_split(&only_clients),
+            Err(BalanceError::NoAggregator)
+        );
+        let only_aux = vec![
+            Link {
+                up: 1.0,
+                down: 1.0,
+                mode: PeerMode::Aux
+            };
+            2
+        ];
         assert_eq!(optimal_split(&only_aux), Err(BalanceError::NoSender));
-        assert_eq!(optimal_split(&sym(&[1.0, 0.0])), Err(BalanceError::BadBandwidth(1)));
+        assert_eq!(
+            optimal_split(&sym(&[1.0, 0.0])),
+            Err(BalanceError::BadBandwidth(1))
+        );
     }
 }

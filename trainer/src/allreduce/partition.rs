@@ -7,7 +7,10 @@ use std::ops::Range;
 /// rounding, ties to the lower index). Shards smaller than `min_size` elements are given to
 /// the others, so no peer is asked to reduce a sliver not worth a round trip.
 pub fn shard_sizes(total: usize, fractions: &[f64], min_size: usize) -> Vec<usize> {
-    let mut f: Vec<f64> = fractions.iter().map(|x| if x.is_finite() && *x > 0.0 { *x } else { 0.0 }).collect();
+    let mut f: Vec<f64> = fractions
+        .iter()
+        .map(|x| if x.is_finite() && *x > 0.0 { *x } else { 0.0 })
+        .collect();
     loop {
         let sizes = round(total, &f);
         // Drop the smallest non-empty shard below the minimum, then re-round.
@@ -26,13 +29,19 @@ fn round(total: usize, f: &[f64]) -> Vec<usize> {
     if sum <= 0.0 || f.is_empty() {
         // Nothing to go on: equal split.
         let n = f.len().max(1);
-        return (0..f.len()).map(|i| total / n + usize::from(i < total % n)).collect();
+        return (0..f.len())
+            .map(|i| total / n + usize::from(i < total % n))
+            .collect();
     }
     let exact: Vec<f64> = f.iter().map(|x| x / sum * total as f64).collect();
     let mut sizes: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
     let mut left = total - sizes.iter().sum::<usize>();
     let mut order: Vec<usize> = (0..f.len()).filter(|&i| f[i] > 0.0).collect();
-    order.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        (exact[b] - exact[b].floor())
+            .total_cmp(&(exact[a] - exact[a].floor()))
+            .then(a.cmp(&b))
+    });
     for &i in order.iter().cycle() {
         if left == 0 {
             break;
@@ -60,7 +69,7 @@ pub fn shard_ranges(sizes: &[usize]) -> Vec<Range<usize>> {
 pub fn part_lens(len: usize, part_len: usize) -> Vec<usize> {
     let part_len = part_len.max(1);
     let mut out = vec![part_len; len / part_len];
-    if len % part_len > 0 {
+    if !len.is_multiple_of(part_len) {
         out.push(len % part_len);
     }
     out
@@ -69,7 +78,7 @@ pub fn part_lens(len: usize, part_len: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::allreduce::balance::{optimal_split, time_per_byte, Link, PeerMode};
+    use crate::allreduce::balance::{Link, PeerMode, optimal_split, time_per_byte};
 
     #[test]
     fn sizes_sum_and_follow_fractions() {
@@ -104,11 +113,20 @@ mod tests {
     fn as_good_as_hivemind_reference_split() {
         // hivemind's test: bandwidths [.3, .5, .9] on 1024 elements → [0, 255, 769]. The LP
         // has several optima; ours must cost no more than the reference.
-        let links: Vec<Link> = [0.3, 0.5, 0.9].iter().map(|&b| Link { up: b, down: b, mode: PeerMode::Node }).collect();
+        let links: Vec<Link> = [0.3, 0.5, 0.9]
+            .iter()
+            .map(|&b| Link {
+                up: b,
+                down: b,
+                mode: PeerMode::Node,
+            })
+            .collect();
         let plan = optimal_split(&links).unwrap();
         let ours = shard_sizes(1024, &plan.fractions, 1);
         let frac = |s: &[usize]| s.iter().map(|&x| x as f64 / 1024.0).collect::<Vec<_>>();
         let reference = [0usize, 255, 769];
-        assert!(time_per_byte(&links, &frac(&ours)) <= time_per_byte(&links, &frac(&reference)) + 1e-12);
+        assert!(
+            time_per_byte(&links, &frac(&ours)) <= time_per_byte(&links, &frac(&reference)) + 1e-12
+        );
     }
 }

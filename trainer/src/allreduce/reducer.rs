@@ -16,7 +16,12 @@ pub enum ReduceError {
     #[error("sender {sender} sent part {part} twice")]
     Duplicate { sender: usize, part: usize },
     #[error("sender {sender} sent {got} values for part {part}, expected {expected}")]
-    WrongLength { sender: usize, part: usize, got: usize, expected: usize },
+    WrongLength {
+        sender: usize,
+        part: usize,
+        got: usize,
+        expected: usize,
+    },
     #[error("sender {sender} sent a non-finite value or weight in part {part}")]
     NotFinite { sender: usize, part: usize },
     #[error("sender {0} already failed")]
@@ -42,26 +47,44 @@ impl ShardReducer {
         Self {
             parts: part_lens
                 .iter()
-                .map(|&len| PartAcc { sum: vec![0.0; len], weight: 0.0, got: vec![false; senders] })
+                .map(|&len| PartAcc {
+                    sum: vec![0.0; len],
+                    weight: 0.0,
+                    got: vec![false; senders],
+                })
                 .collect(),
             failed: vec![false; senders],
         }
     }
 
     /// Adds `sender`'s copy of `part`, weighted by `weight` (its sample count).
-    pub fn add(&mut self, sender: usize, part: usize, weight: f64, data: &[f32]) -> Result<(), ReduceError> {
+    pub fn add(
+        &mut self,
+        sender: usize,
+        part: usize,
+        weight: f64,
+        data: &[f32],
+    ) -> Result<(), ReduceError> {
         if sender >= self.failed.len() {
             return Err(ReduceError::UnknownSender(sender));
         }
         if self.failed[sender] {
             return Err(ReduceError::SenderFailed(sender));
         }
-        let acc = self.parts.get_mut(part).ok_or(ReduceError::UnknownPart(part))?;
+        let acc = self
+            .parts
+            .get_mut(part)
+            .ok_or(ReduceError::UnknownPart(part))?;
         if acc.got[sender] {
             return Err(ReduceError::Duplicate { sender, part });
         }
         if data.len() != acc.sum.len() {
-            return Err(ReduceError::WrongLength { sender, part, got: data.len(), expected: acc.sum.len() });
+            return Err(ReduceError::WrongLength {
+                sender,
+                part,
+                got: data.len(),
+                expected: acc.sum.len(),
+            });
         }
         if !weight.is_finite() || weight < 0.0 || data.iter().any(|x| !x.is_finite()) {
             return Err(ReduceError::NotFinite { sender, part });
@@ -84,7 +107,10 @@ impl ShardReducer {
     /// Whether every live sender has delivered `part`.
     pub fn is_complete(&self, part: usize) -> bool {
         self.parts.get(part).is_some_and(|acc| {
-            acc.got.iter().zip(&self.failed).all(|(got, failed)| *got || *failed)
+            acc.got
+                .iter()
+                .zip(&self.failed)
+                .all(|(got, failed)| *got || *failed)
         })
     }
 
@@ -100,7 +126,9 @@ impl ShardReducer {
 
     /// Senders that contributed to `part`.
     pub fn contributors(&self, part: usize) -> Vec<usize> {
-        self.parts.get(part).map_or(vec![], |acc| (0..acc.got.len()).filter(|&i| acc.got[i]).collect())
+        self.parts.get(part).map_or(vec![], |acc| {
+            (0..acc.got.len()).filter(|&i| acc.got[i]).collect()
+        })
     }
 }
 
@@ -112,13 +140,22 @@ mod tests {
     fn exact(vectors: &[Vec<f32>], weights: &[f64], who: &[usize]) -> Vec<f32> {
         let w: f64 = who.iter().map(|&i| weights[i]).sum();
         (0..vectors[0].len())
-            .map(|k| (who.iter().map(|&i| weights[i] * f64::from(vectors[i][k])).sum::<f64>() / w) as f32)
+            .map(|k| {
+                (who.iter()
+                    .map(|&i| weights[i] * f64::from(vectors[i][k]))
+                    .sum::<f64>()
+                    / w) as f32
+            })
             .collect()
     }
 
     #[test]
     fn weighted_mean_is_exact() {
-        let vectors = vec![vec![1.0, 2.0, 3.0, 4.0], vec![10.0, 20.0, 30.0, 40.0], vec![-1.0, 0.5, 7.0, 1e6]];
+        let vectors = vec![
+            vec![1.0, 2.0, 3.0, 4.0],
+            vec![10.0, 20.0, 30.0, 40.0],
+            vec![-1.0, 0.5, 7.0, 1e6],
+        ];
         let weights = [3.0, 1.0, 0.5];
         let mut r = ShardReducer::new(&[2, 2], 3);
         for (s, v) in vectors.iter().enumerate() {
@@ -142,8 +179,14 @@ mod tests {
         r.sender_failed(2);
         assert!(!r.is_complete(1), "sender 1 is still alive and owes part 1");
         r.add(1, 1, 2.0, &[4.0]).unwrap();
-        assert_eq!(r.mean(0).unwrap(), vec![exact(&vectors, &weights, &[0, 1, 2])[0]]);
-        assert_eq!(r.mean(1).unwrap(), vec![exact(&vectors, &weights, &[0, 1])[1]]);
+        assert_eq!(
+            r.mean(0).unwrap(),
+            vec![exact(&vectors, &weights, &[0, 1, 2])[0]]
+        );
+        assert_eq!(
+            r.mean(1).unwrap(),
+            vec![exact(&vectors, &weights, &[0, 1])[1]]
+        );
         assert_eq!(r.contributors(1), vec![0, 1]);
         assert_eq!(r.add(2, 1, 3.0, &[6.0]), Err(ReduceError::SenderFailed(2)));
     }
@@ -151,13 +194,31 @@ mod tests {
     #[test]
     fn bad_contributions_are_refused() {
         let mut r = ShardReducer::new(&[2], 2);
-        assert_eq!(r.add(5, 0, 1.0, &[0.0, 0.0]), Err(ReduceError::UnknownSender(5)));
-        assert_eq!(r.add(0, 3, 1.0, &[0.0, 0.0]), Err(ReduceError::UnknownPart(3)));
-        assert!(matches!(r.add(0, 0, 1.0, &[0.0]), Err(ReduceError::WrongLength { .. })));
-        assert!(matches!(r.add(0, 0, 1.0, &[f32::NAN, 0.0]), Err(ReduceError::NotFinite { .. })));
-        assert!(matches!(r.add(0, 0, f64::INFINITY, &[0.0, 0.0]), Err(ReduceError::NotFinite { .. })));
+        assert_eq!(
+            r.add(5, 0, 1.0, &[0.0, 0.0]),
+            Err(ReduceError::UnknownSender(5))
+        );
+        assert_eq!(
+            r.add(0, 3, 1.0, &[0.0, 0.0]),
+            Err(ReduceError::UnknownPart(3))
+        );
+        assert!(matches!(
+            r.add(0, 0, 1.0, &[0.0]),
+            Err(ReduceError::WrongLength { .. })
+        ));
+        assert!(matches!(
+            r.add(0, 0, 1.0, &[f32::NAN, 0.0]),
+            Err(ReduceError::NotFinite { .. })
+        ));
+        assert!(matches!(
+            r.add(0, 0, f64::INFINITY, &[0.0, 0.0]),
+            Err(ReduceError::NotFinite { .. })
+        ));
         r.add(0, 0, 1.0, &[1.0, 1.0]).unwrap();
-        assert!(matches!(r.add(0, 0, 1.0, &[1.0, 1.0]), Err(ReduceError::Duplicate { .. })));
+        assert!(matches!(
+            r.add(0, 0, 1.0, &[1.0, 1.0]),
+            Err(ReduceError::Duplicate { .. })
+        ));
         assert_eq!(r.mean(0), None, "sender 1 still owes its part");
     }
 }
