@@ -5,3 +5,4 @@
 pub mod balance;
 pub mod partition;
 pub mod reducer;
+pub mod round;

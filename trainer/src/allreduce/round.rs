@@ -1,0 +1,394 @@
+//! One all-reduce round as seen by one peer: a pure state machine driven by
+//! [`Round::start`], [`Round::on_message`], [`Round::on_peer_failed`] and [`Round::tick`], each
+//! returning what to send. Time is a caller-supplied millisecond clock, so the same code runs
+//! over the daemon's transport and in tests on a virtual clock.
+//!
+//! Every peer of the group holds the same [`RoundSpec`] (from matchmaking): members in order,
+//! their modes and weights, and the shard sizes. Member `j`'s shard is element range `j` of
+//! the vector; a member with an empty shard (a client) reduces nothing.
+//!
+//! States: `Running` until every shard is settled (all its parts averaged, or its aggregator
+//! failed and the local values are kept) and, for an aggregator, every part of its own shard
+//! has been answered; then `Done` with a [`RoundReport`].
+
+use std::ops::Range;
+
+use super::balance::PeerMode;
+use super::partition::{part_lens, shard_ranges};
+use super::reducer::{ReduceError, ShardReducer};
+
+/// The plan every member of a group agrees on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundSpec {
+    pub modes: Vec<PeerMode>,
+    /// Sample counts; the mean is weighted by them. Aux peers' weights are ignored.
+    pub weights: Vec<f64>,
+    /// Elements of the vector each member reduces (0 for clients).
+    pub shard_sizes: Vec<usize>,
+    /// Elements per streamed part.
+    pub part_len: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RoundConfig {
+    /// An aggregator drops a sender it has heard nothing from for this long.
+    pub sender_timeout_ms: u64,
+    /// A sender keeps its local values for a shard whose results are this late.
+    pub reducer_timeout_ms: u64,
+}
+
+impl Default for RoundConfig {
+    fn default() -> Self {
+        Self {
+            sender_timeout_ms: 15_000,
+            reducer_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// A message between members of a round.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Message {
+    /// A sender's copy of part `part` of the recipient's shard.
+    Part {
+        part: usize,
+        weight: f64,
+        data: Vec<f32>,
+    },
+    /// The average of part `part` of the sender's shard.
+    Result { part: usize, data: Vec<f32> },
+    /// Part `part` of the sender's shard had no contributor with a positive weight left:
+    /// every sender keeps its own values for it.
+    Unchanged { part: usize },
+}
+
+/// What the caller must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    Send {
+        to: usize,
+        message: Message,
+    },
+    /// A peer broke the protocol; drop it (the round already treats it as failed).
+    Misbehaved {
+        peer: usize,
+        reason: String,
+    },
+    Done(RoundReport),
+}
+
+/// How a round ended, for this peer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundReport {
+    /// The averaged vector (senders only; aux peers get `None`).
+    pub result: Option<Vec<f32>>,
+    /// Aggregators whose shard stayed local (they failed or were too late).
+    pub failed_aggregators: Vec<usize>,
+    /// Senders this peer's reducer dropped.
+    pub failed_senders: Vec<usize>,
+}
+
+#[derive(Debug)]
+pub struct Round {
+    me: usize,
+    spec: RoundSpec,
+    config: RoundConfig,
+    ranges: Vec<Range<usize>>,
+    parts: Vec<Vec<usize>>,
+    /// This peer's vector, overwritten part by part with averages.
+    vector: Vec<f32>,
+    /// Which parts of each shard have come back averaged.
+    got: Vec<Vec<bool>>,
+    aggregator_failed: Vec<bool>,
+    reducer: Option<ShardReducer>,
+    /// Parts of this peer's own shard already answered.
+    answered: Vec<bool>,
+    sender_failed: Vec<bool>,
+    last_heard: Vec<u64>,
+    started_ms: u64,
+    done: bool,
+}
+
+fn sends(spec: &RoundSpec, i: usize) -> bool {
+    spec.modes[i].sends()
+}
+
+impl Round {
+    /// Starts the round: returns the parts to stream to every other aggregator.
+    pub fn start(
+        me: usize,
+        spec: RoundSpec,
+        config: RoundConfig,
+        vector: Vec<f32>,
+        now_ms: u64,
+    ) -> (Self, Vec<Output>) {
+        let n = spec.modes.len();
+        let ranges = shard_ranges(&spec.shard_sizes);
+        let parts: Vec<Vec<usize>> = spec
+            .shard_sizes
+            .iter()
+            .map(|&s| part_lens(s, spec.part_len))
+            .collect();
+        let got = parts.iter().map(|p| vec![false; p.len()]).collect();
+        let reducer = spec.modes[me]
+            .aggregates()
+            .then(|| ShardReducer::new(&parts[me], n));
+        let answered = vec![false; parts[me].len()];
+        let mut round = Self {
+            me,
+            config,
+            ranges,
+            parts,
+            vector,
+            got,
+            aggregator_failed: vec![false; n],
+            reducer,
+            answered,
+            sender_failed: vec![false; n],
+            last_heard: vec![now_ms; n],
+            started_ms: now_ms,
+            done: false,
+            spec,
+        };
+        let mut out = Vec::new();
+        if let Some(r) = &mut round.reducer {
+            // Members that send nothing never owe parts.
+            for i in 0..n {
+                if !sends(&round.spec, i) {
+                    r.sender_failed(i);
+                }
+            }
+        }
+        if sends(&round.spec, me) {
+            let weight = round.spec.weights[me];
+            for j in 0..n {
+                for k in 0..round.parts[j].len() {
+                    let data = round.part_slice(j, k).to_vec();
+                    if j == me {
+                        let r = round.reducer.as_mut().expect("an aggregator has a reducer");
+                        r.add(me, k, weight, &data)
+                            .expect("own part is well-formed");
+                    } else {
+                        out.push(Output::Send {
+                            to: j,
+                            message: Message::Part {
+                                part: k,
+                                weight,
+                                data,
+                            },
+                        });
+                    }
+                }
+            }
+        }
+        round.answer_complete_parts(&mut out);
+        round.check_done(&mut out);
+        (round, out)
+    }
+
+    fn part_range(&self, shard: usize, part: usize) -> Range<usize> {
+        let start = self.ranges[shard].start + self.parts[shard][..part].iter().sum::<usize>();
+        start..start + self.parts[shard][part]
+    }
+
+    fn part_slice(&self, shard: usize, part: usize) -> &[f32] {
+        &self.vector[self.part_range(shard, part)]
+    }
+
+    /// Handles a message from member `from`.
+    pub fn on_message(&mut self, from: usize, message: Message, now_ms: u64) -> Vec<Output> {
+        let mut out = Vec::new();
+        if self.done || from >= self.spec.modes.len() {
+            return out;
+        }
+        match message {
+            Message::Part { part, weight, data } => {
+                let Some(r) = &mut self.reducer else {
+                    out.push(Output::Misbehaved {
+                        peer: from,
+                        reason: "sent a part to a peer that reduces nothing".into(),
+                    });
+                    return out;
+                };
+                if self.sender_failed[from] {
+                    return out;
+                }
+                self.last_heard[from] = now_ms;
+                match r.add(from, part, weight, &data) {
+                    Ok(()) => {}
+                    Err(ReduceError::SenderFailed(_)) => {}
+                    Err(e) => {
+                        out.push(Output::Misbehaved {
+                            peer: from,
+                            reason: e.to_string(),
+                        });
+                        self.drop_sender(from, &mut out);
+                    }
+                }
+                self.answer_complete_parts(&mut out);
+            }
+            Message::Result { part, data } => {
+                let ok = sends(&self.spec, self.me)
+                    && !self.aggregator_failed[from]
+                    && part < self.parts[from].len()
+                    && data.len() == self.parts[from][part]
+                    && data.iter().all(|x| x.is_finite());
+                if !ok {
+                    out.push(Output::Misbehaved {
+                        peer: from,
+                        reason: format!("sent a bad result for part {part}"),
+                    });
+                    self.aggregator_failed[from] = true;
+                } else if !self.got[from][part] {
+                    let range = self.part_range(from, part);
+                    self.vector[range].copy_from_slice(&data);
+                    self.got[from][part] = true;
+                }
+            }
+            Message::Unchanged { part } => {
+                if sends(&self.spec, self.me)
+                    && !self.aggregator_failed[from]
+                    && part < self.parts[from].len()
+                {
+                    self.got[from][part] = true;
+                } else {
+                    out.push(Output::Misbehaved {
+                        peer: from,
+                        reason: format!("sent a bad result for part {part}"),
+                    });
+                }
+            }
+        }
+        self.check_done(&mut out);
+        out
+    }
+
+    /// Member `peer` is gone (the transport saw its connection fail).
+    pub fn on_peer_failed(&mut self, peer: usize) -> Vec<Output> {
+        let mut out = Vec::new();
+        if self.done || peer >= self.spec.modes.len() {
+            return out;
+        }
+        self.drop_sender(peer, &mut out);
+        if self.spec.modes[peer].aggregates() && self.got[peer].iter().any(|g| !g) {
+            self.aggregator_failed[peer] = true;
+        }
+        self.check_done(&mut out);
+        out
+    }
+
+    /// Applies the deadlines.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Output> {
+        let mut out = Vec::new();
+        if self.done {
+            return out;
+        }
+        if self.reducer.is_some() {
+            for s in 0..self.spec.modes.len() {
+                let owes = sends(&self.spec, s)
+                    && !self.sender_failed[s]
+                    && (0..self.parts[self.me].len()).any(|k| {
+                        !self
+                            .reducer
+                            .as_ref()
+                            .is_some_and(|r| r.contributors(k).contains(&s))
+                    });
+                if owes
+                    && now_ms.saturating_sub(self.last_heard[s]) >= self.config.sender_timeout_ms
+                {
+                    self.drop_sender(s, &mut out);
+                }
+            }
+        }
+        if now_ms.saturating_sub(self.started_ms) >= self.config.reducer_timeout_ms {
+            for j in 0..self.spec.modes.len() {
+                if j != self.me && self.got[j].iter().any(|g| !g) {
+                    self.aggregator_failed[j] = true;
+                }
+            }
+        }
+        self.check_done(&mut out);
+        out
+    }
+
+    fn drop_sender(&mut self, s: usize, out: &mut Vec<Output>) {
+        if s == self.me || self.sender_failed[s] {
+            return;
+        }
+        self.sender_failed[s] = true;
+        if let Some(r) = &mut self.reducer {
+            r.sender_failed(s);
+        }
+        self.answer_complete_parts(out);
+    }
+
+    /// Sends the average of every newly complete part of this peer's shard to every live
+    /// sender, and keeps it locally.
+    fn answer_complete_parts(&mut self, out: &mut Vec<Output>) {
+        let Some(r) = &self.reducer else { return };
+        let mut done_parts = Vec::new();
+        for k in 0..self.answered.len() {
+            if !self.answered[k] && r.is_complete(k) {
+                // With no positive weight at all, the part keeps everyone's own values.
+                let mean = r.mean(k);
+                done_parts.push((k, mean));
+            }
+        }
+        for (k, mean) in done_parts {
+            self.answered[k] = true;
+            for s in 0..self.spec.modes.len() {
+                if s != self.me && sends(&self.spec, s) && !self.sender_failed[s] {
+                    let message = match &mean {
+                        Some(m) => Message::Result {
+                            part: k,
+                            data: m.clone(),
+                        },
+                        None => Message::Unchanged { part: k },
+                    };
+                    out.push(Output::Send { to: s, message });
+                }
+            }
+            if sends(&self.spec, self.me) {
+                if let Some(m) = &mean {
+                    let range = self.part_range(self.me, k);
+                    self.vector[range].copy_from_slice(m);
+                }
+                self.got[self.me][k] = true;
+            }
+        }
+        if !sends(&self.spec, self.me) {
+            // An aux peer needs no results of its own.
+            for g in &mut self.got {
+                g.iter_mut().for_each(|x| *x = true);
+            }
+        }
+    }
+
+    fn check_done(&mut self, out: &mut Vec<Output>) {
+        if self.done {
+            return;
+        }
+        let own_answered = self.answered.iter().all(|a| *a);
+        let settled = (0..self.spec.modes.len())
+            .all(|j| self.aggregator_failed[j] || self.got[j].iter().all(|g| *g));
+        if own_answered && settled {
+            self.done = true;
+            let failed_aggregators = (0..self.spec.modes.len())
+                .filter(|&j| self.aggregator_failed[j])
+                .collect();
+            let failed_senders = (0..self.spec.modes.len())
+                .filter(|&s| self.sender_failed[s] && sends(&self.spec, s))
+                .collect();
+            let result = sends(&self.spec, self.me).then(|| std::mem::take(&mut self.vector));
+            out.push(Output::Done(RoundReport {
+                result,
+                failed_aggregators,
+                failed_senders,
+            }));
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+}
