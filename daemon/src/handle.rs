@@ -10,6 +10,7 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
+use colony_protocol::allreduce::{PartAck, PartMessage, RoundId};
 use colony_protocol::names::MAX_ENTRIES_PER_STORE;
 use colony_protocol::{
     DhtEntry, DhtKey, NodeInfo, NodeKeypair, NodePublicKey, Request, Response, StoreOutcome, Subkey,
@@ -459,6 +460,40 @@ impl NodeHandle {
             })
         };
         Ok(self.rpc(peer, addrs, request).await?)
+    }
+
+    /// Routes inbound all-reduce messages of `round` to `tx`.
+    pub async fn register_round(
+        &self,
+        round: RoundId,
+        tx: mpsc::Sender<(PeerId, PartMessage)>,
+    ) -> anyhow::Result<()> {
+        self.tx
+            .send(Command::RegisterRound { round, tx })
+            .await
+            .map_err(|_| anyhow!("the node has stopped"))
+    }
+
+    pub async fn unregister_round(&self, round: RoundId) {
+        let _ = self.tx.send(Command::UnregisterRound { round }).await;
+    }
+
+    /// Sends one all-reduce message and waits for its acknowledgement.
+    pub async fn send_part(
+        &self,
+        peer: PeerId,
+        message: PartMessage,
+    ) -> Result<PartAck, RpcFailure> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::SendPart {
+                peer,
+                message,
+                reply,
+            })
+            .await
+            .map_err(|_| RpcFailure::Shutdown)?;
+        rx.await.map_err(|_| RpcFailure::Shutdown)?
     }
 
     pub async fn subscribe(

@@ -5,6 +5,7 @@
 //! This crate wires libraries to the network. It holds no model maths: training, inference
 //! and routing live in their own crates and reach the network only through here.
 
+pub mod allreduce;
 pub mod bench;
 pub mod cli;
 pub mod clock;

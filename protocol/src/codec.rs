@@ -6,8 +6,8 @@
 
 use serde::{Serialize, de::DeserializeOwned};
 
-/// Bincode's allocation limit; no single message may claim more than this.
-const ALLOC_LIMIT: usize = crate::names::MAX_RPC_BYTES;
+/// Bincode's allocation limit: the largest wire message (an all-reduce part).
+const ALLOC_LIMIT: usize = crate::names::MAX_PART_BYTES;
 
 fn config() -> impl bincode::config::Config {
     bincode::config::standard()

@@ -10,8 +10,10 @@
 //! - [`identity`]: ed25519 node keys and signatures.
 //! - [`dht`]: the DHT key schema, records with per-subkey expiry and ownership, the merge rule.
 //! - [`rpc`]: peer RPC requests and responses.
+//! - [`allreduce`]: all-reduce parts and results.
 //! - [`envelope`]: signed envelopes for payloads that must be attributable to a node.
 
+pub mod allreduce;
 pub mod codec;
 pub mod dht;
 pub mod envelope;

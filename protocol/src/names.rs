@@ -30,6 +30,11 @@ pub const MAX_BYTES_PER_KEY: usize = 2 * 1024 * 1024;
 pub const MAX_TTL_MS: u64 = 24 * 60 * 60 * 1000;
 /// Tolerated clock skew between nodes (hivemind assumes 3 s; we allow a little more).
 pub const MAX_CLOCK_SKEW_MS: u64 = 5_000;
+/// All-reduce parts and results.
+pub const ALLREDUCE_PROTOCOL: &str = "/colony/allreduce/1";
+/// Largest encoded all-reduce message (a part of up to a few MiB of values plus framing).
+pub const MAX_PART_BYTES: usize = 8 * 1024 * 1024;
+
 /// Largest gossip message.
 pub const MAX_GOSSIP_BYTES: usize = 1024 * 1024;
 

@@ -1,6 +1,7 @@
 //! Round-trip property tests for every wire type, and decoders against arbitrary bytes.
 #![allow(clippy::unwrap_used)]
 
+use colony_protocol::allreduce::{PartAck, PartBody, PartMessage, RoundId, Scheme};
 use colony_protocol::dht::{DhtEntry, DhtKey, Subkey};
 use colony_protocol::identity::{NodeKeypair, NodePublicKey, Signature};
 use colony_protocol::rpc::{NodeInfo, Request, Response, RpcError, RpcErrorCode, StoreOutcome};
@@ -99,7 +100,61 @@ fn response() -> impl Strategy<Value = Response> {
     ]
 }
 
+fn scheme() -> impl Strategy<Value = Scheme> {
+    prop_oneof![
+        Just(Scheme::F32),
+        Just(Scheme::F16),
+        (1u32..1024).prop_map(|block| Scheme::Int8Blockwise { block })
+    ]
+}
+
+fn part_message() -> impl Strategy<Value = PartMessage> {
+    let body = prop_oneof![
+        (
+            any::<u32>(),
+            -1e6f64..1e6,
+            scheme(),
+            proptest::collection::vec(any::<u8>(), 0..256)
+        )
+            .prop_map(|(part, weight, scheme, data)| PartBody::Part {
+                part,
+                weight,
+                scheme,
+                data
+            }),
+        (
+            any::<u32>(),
+            scheme(),
+            proptest::collection::vec(any::<u8>(), 0..256)
+        )
+            .prop_map(|(part, scheme, data)| PartBody::Result { part, scheme, data }),
+        any::<u32>().prop_map(|part| PartBody::Unchanged { part }),
+    ];
+    (any::<[u8; 16]>(), any::<u32>(), body).prop_map(|(r, from, body)| PartMessage {
+        round: RoundId(r),
+        from,
+        body,
+    })
+}
+
 proptest! {
+    #[test]
+    fn part_message_round_trips(m in part_message()) {
+        prop_assert_eq!(PartMessage::from_bytes(&m.to_bytes().unwrap()).unwrap(), m);
+    }
+
+    #[test]
+    fn part_ack_round_trips(reason in ".{0,40}", which in 0u8..3) {
+        let ack = match which { 0 => PartAck::Ok, 1 => PartAck::UnknownRound, _ => PartAck::Refused(reason) };
+        prop_assert_eq!(PartAck::from_bytes(&ack.to_bytes().unwrap()).unwrap(), ack);
+    }
+
+    #[test]
+    fn part_decoders_survive_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = PartMessage::from_bytes(&bytes);
+        let _ = PartAck::from_bytes(&bytes);
+    }
+
     #[test]
     fn request_round_trips(req in request()) {
         let bytes = req.to_bytes().unwrap();

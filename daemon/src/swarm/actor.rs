@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
+use colony_protocol::allreduce::{PartAck, PartMessage, RoundId};
 use colony_protocol::names::MAX_ENTRIES_PER_STORE;
 use colony_protocol::rpc::RpcErrorCode;
 use colony_protocol::{DhtEntry, DhtKey, NodeInfo, Request, Response, StoreOutcome};
@@ -130,6 +131,19 @@ pub enum Command {
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
+    /// Routes inbound all-reduce messages of `round` to `tx` until unregistered.
+    RegisterRound {
+        round: RoundId,
+        tx: mpsc::Sender<(PeerId, PartMessage)>,
+    },
+    UnregisterRound {
+        round: RoundId,
+    },
+    SendPart {
+        peer: PeerId,
+        message: PartMessage,
+        reply: oneshot::Sender<Result<PartAck, RpcFailure>>,
+    },
     IsConnected {
         peer: PeerId,
         reply: oneshot::Sender<bool>,
@@ -166,6 +180,9 @@ pub struct SwarmActor {
         HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Response, RpcFailure>>>,
     pending_closest: HashMap<kad::QueryId, oneshot::Sender<Closest>>,
     peers: HashMap<PeerId, PeerState>,
+    rounds: HashMap<RoundId, mpsc::Sender<(PeerId, PartMessage)>>,
+    pending_parts:
+        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<PartAck, RpcFailure>>>,
     data_dir: DataDir,
     services: Vec<String>,
     started: Instant,
@@ -208,6 +225,8 @@ impl SwarmActor {
             pending_rpc: HashMap::new(),
             pending_closest: HashMap::new(),
             peers: HashMap::new(),
+            rounds: HashMap::new(),
+            pending_parts: HashMap::new(),
             data_dir,
             services,
             started: Instant::now(),
@@ -244,6 +263,9 @@ impl SwarmActor {
             Err(e) => warn!(path = %path.display(), "cannot write dht snapshot: {e:#}"),
         }
         for (_, reply) in self.pending_rpc.drain() {
+            let _ = reply.send(Err(RpcFailure::Shutdown));
+        }
+        for (_, reply) in self.pending_parts.drain() {
             let _ = reply.send(Err(RpcFailure::Shutdown));
         }
     }
@@ -358,6 +380,24 @@ impl SwarmActor {
                         .add_address(&peer, addr.clone());
                 }
                 let _ = reply.send(self.swarm.dial(addr).map_err(|e| e.to_string()));
+            }
+            Command::RegisterRound { round, tx } => {
+                self.rounds.insert(round, tx);
+            }
+            Command::UnregisterRound { round } => {
+                self.rounds.remove(&round);
+            }
+            Command::SendPart {
+                peer,
+                message,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .parts
+                    .send_request(&peer, Wire::Valid(message));
+                self.pending_parts.insert(id, reply);
             }
             Command::IsConnected { peer, reply } => {
                 let _ = reply.send(self.swarm.is_connected(&peer));
@@ -543,6 +583,7 @@ impl SwarmActor {
     fn on_behaviour_event(&mut self, ev: BehaviourEvent) {
         match ev {
             BehaviourEvent::Rpc(ev) => self.on_rpc_event(ev),
+            BehaviourEvent::Parts(ev) => self.on_part_event(ev),
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id, result, step, ..
             }) => {
@@ -672,6 +713,87 @@ impl SwarmActor {
             }
             Event::InboundFailure { peer, error, .. } => {
                 debug!(%peer, "inbound rpc failed: {error}")
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+impl SwarmActor {
+    fn on_part_event(&mut self, ev: request_response::Event<Wire<PartMessage>, Wire<PartAck>>) {
+        use request_response::{Event, Message};
+        match ev {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let ack = match request {
+                    Wire::Invalid(why) => {
+                        self.offence(peer, &format!("sent a bad all-reduce message: {why}"));
+                        PartAck::Refused(why)
+                    }
+                    Wire::Valid(msg) => match self.rounds.get(&msg.round) {
+                        None => PartAck::UnknownRound,
+                        // The round's inbox is sized to the most messages the protocol allows,
+                        // so it is full only if the peer sends more than it may.
+                        Some(tx) => match tx.try_send((peer, msg)) {
+                            Ok(()) => PartAck::Ok,
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                self.offence(
+                                    peer,
+                                    "sent more all-reduce messages than a round allows",
+                                );
+                                PartAck::Refused("round inbox full".into())
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => PartAck::UnknownRound,
+                        },
+                    },
+                };
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .parts
+                    .send_response(channel, Wire::Valid(ack));
+            }
+            Event::Message {
+                peer,
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                let result = match response {
+                    Wire::Valid(ack) => Ok(ack),
+                    Wire::Invalid(why) => Err(RpcFailure::Failed {
+                        peer,
+                        reason: format!("bad acknowledgement: {why}"),
+                    }),
+                };
+                if let Some(reply) = self.pending_parts.remove(&request_id) {
+                    let _ = reply.send(result);
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending_parts.remove(&request_id) {
+                    let _ = reply.send(Err(RpcFailure::Failed {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, "inbound all-reduce message failed: {error}")
             }
             Event::ResponseSent { .. } => {}
         }

@@ -9,12 +9,16 @@
 use std::io;
 use std::time::Duration;
 
-use colony_protocol::names::{MAX_RPC_BYTES, RPC_PROTOCOL};
+use std::marker::PhantomData;
+
+use colony_protocol::allreduce::{PartAck, PartMessage};
+use colony_protocol::names::{ALLREDUCE_PROTOCOL, MAX_PART_BYTES, MAX_RPC_BYTES, RPC_PROTOCOL};
 use colony_protocol::{Request, Response};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new(RPC_PROTOCOL);
+pub const PART_PROTOCOL: StreamProtocol = StreamProtocol::new(ALLREDUCE_PROTOCOL);
 
 /// A message as read from a stream: decoded, or the reason it could not be.
 #[derive(Clone, Debug)]
@@ -23,24 +27,74 @@ pub enum Wire<T> {
     Invalid(String),
 }
 
-#[derive(Clone, Debug)]
-pub struct RpcCodec {
+/// A message type that travels on one of our request-response protocols.
+pub trait WireMessage: Sized + Send + 'static {
+    /// Largest encoded size accepted while reading.
+    const LIMIT: usize;
+    fn encode(&self) -> Result<Vec<u8>, colony_protocol::CodecError>;
+    fn decode(bytes: &[u8]) -> Result<Self, colony_protocol::CodecError>;
+}
+
+macro_rules! wire_message {
+    ($ty:ty, $limit:expr) => {
+        impl WireMessage for $ty {
+            const LIMIT: usize = $limit;
+            fn encode(&self) -> Result<Vec<u8>, colony_protocol::CodecError> {
+                self.to_bytes()
+            }
+            fn decode(bytes: &[u8]) -> Result<Self, colony_protocol::CodecError> {
+                Self::from_bytes(bytes)
+            }
+        }
+    };
+}
+
+wire_message!(Request, MAX_RPC_BYTES);
+wire_message!(Response, MAX_RPC_BYTES);
+wire_message!(PartMessage, MAX_PART_BYTES);
+wire_message!(PartAck, 64 * 1024);
+
+/// One bincode message per stream direction, bounded in size and time.
+#[derive(Debug)]
+pub struct Codec<Req, Resp> {
     /// How long a peer may take to send a whole message once the stream is open.
     pub read_timeout: Duration,
+    _messages: PhantomData<fn() -> (Req, Resp)>,
 }
+
+impl<Req, Resp> Clone for Codec<Req, Resp> {
+    fn clone(&self) -> Self {
+        Self::new(self.read_timeout)
+    }
+}
+
+impl<Req, Resp> Codec<Req, Resp> {
+    pub fn new(read_timeout: Duration) -> Self {
+        Self {
+            read_timeout,
+            _messages: PhantomData,
+        }
+    }
+}
+
+/// Peer RPC.
+pub type RpcCodec = Codec<Request, Response>;
+/// All-reduce parts.
+pub type PartCodec = Codec<PartMessage, PartAck>;
 
 enum Read {
     Bytes(Vec<u8>),
     Invalid(String),
 }
 
-/// Reads the whole stream, refusing more than `MAX_RPC_BYTES` or a stream that stalls.
+/// Reads the whole stream, refusing more than `limit` bytes or a stream that stalls.
 async fn read_bounded<T: AsyncRead + Unpin + Send>(
     io: &mut T,
     timeout: Duration,
+    limit: usize,
 ) -> io::Result<Read> {
     let mut buf = Vec::new();
-    let mut limited = io.take(MAX_RPC_BYTES as u64 + 1);
+    let mut limited = io.take(limit as u64 + 1);
     let read = tokio::time::timeout(timeout, limited.read_to_end(&mut buf)).await;
     match read {
         Err(_) => Ok(Read::Invalid(format!(
@@ -48,8 +102,8 @@ async fn read_bounded<T: AsyncRead + Unpin + Send>(
             buf.len()
         ))),
         Ok(Err(e)) => Err(e),
-        Ok(Ok(_)) if buf.len() > MAX_RPC_BYTES => Ok(Read::Invalid(format!(
-            "message exceeds the limit of {MAX_RPC_BYTES} bytes"
+        Ok(Ok(_)) if buf.len() > limit => Ok(Read::Invalid(format!(
+            "message exceeds the limit of {limit} bytes"
         ))),
         Ok(Ok(_)) => Ok(Read::Bytes(buf)),
     }
@@ -84,32 +138,28 @@ fn not_sendable() -> io::Error {
     )
 }
 
-impl libp2p::request_response::Codec for RpcCodec {
+impl<Req: WireMessage, Resp: WireMessage> libp2p::request_response::Codec for Codec<Req, Resp> {
     type Protocol = StreamProtocol;
-    type Request = Wire<Request>;
-    type Response = Wire<Response>;
+    type Request = Wire<Req>;
+    type Response = Wire<Resp>;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Wire<Request>>
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Wire<Req>>
     where
         T: AsyncRead + Unpin + Send,
     {
         Ok(decode(
-            read_bounded(io, self.read_timeout).await?,
-            Request::from_bytes,
+            read_bounded(io, self.read_timeout, Req::LIMIT).await?,
+            Req::decode,
         ))
     }
 
-    async fn read_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Wire<Response>>
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Wire<Resp>>
     where
         T: AsyncRead + Unpin + Send,
     {
         Ok(decode(
-            read_bounded(io, self.read_timeout).await?,
-            Response::from_bytes,
+            read_bounded(io, self.read_timeout, Resp::LIMIT).await?,
+            Resp::decode,
         ))
     }
 
@@ -117,13 +167,13 @@ impl libp2p::request_response::Codec for RpcCodec {
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: Wire<Request>,
+        req: Wire<Req>,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
         match req {
-            Wire::Valid(r) => write(io, r.to_bytes()).await,
+            Wire::Valid(r) => write(io, r.encode()).await,
             Wire::Invalid(_) => Err(not_sendable()),
         }
     }
@@ -132,13 +182,13 @@ impl libp2p::request_response::Codec for RpcCodec {
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        res: Wire<Response>,
+        res: Wire<Resp>,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
         match res {
-            Wire::Valid(r) => write(io, r.to_bytes()).await,
+            Wire::Valid(r) => write(io, r.encode()).await,
             Wire::Invalid(_) => Err(not_sendable()),
         }
     }

@@ -20,7 +20,7 @@ use libp2p::{
 };
 
 use crate::config::{NodeConfig, Reachability};
-use codec::RpcCodec;
+use codec::{PartCodec, RpcCodec};
 
 pub const AGENT: &str = concat!("colony/", env!("CARGO_PKG_VERSION"));
 
@@ -31,6 +31,7 @@ pub struct Behaviour {
     pub limits: connection_limits::Behaviour,
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
     pub rpc: request_response::Behaviour<RpcCodec>,
+    pub parts: request_response::Behaviour<PartCodec>,
     pub gossip: gossipsub::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
@@ -94,11 +95,24 @@ fn behaviour(
     // stalled stream is seen (and penalised) by the codec before libp2p drops it silently.
     let read_timeout = config.dht.rpc_timeout().mul_f32(0.8);
     let rpc = request_response::Behaviour::with_codec(
-        RpcCodec { read_timeout },
+        RpcCodec::new(read_timeout),
         [(codec::PROTOCOL, request_response::ProtocolSupport::Full)],
         request_response::Config::default()
             .with_request_timeout(config.dht.rpc_timeout())
             .with_max_concurrent_streams(config.limits.max_inbound_streams),
+    );
+
+    // All-reduce parts: many in flight per connection (pipelining), a generous timeout for
+    // megabytes on slow links.
+    let parts = request_response::Behaviour::with_codec(
+        PartCodec::new(Duration::from_secs(60)),
+        [(
+            codec::PART_PROTOCOL,
+            request_response::ProtocolSupport::Full,
+        )],
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(120))
+            .with_max_concurrent_streams(1024),
     );
 
     let gossip_cfg = gossipsub::ConfigBuilder::default()
@@ -139,6 +153,7 @@ fn behaviour(
         limits: connection_limits::Behaviour::new(limits),
         kad,
         rpc,
+        parts,
         gossip,
         identify,
         ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+mod allreduce;
 mod in_process;
 mod misbehaviour;
 mod netns_relay;
