@@ -49,6 +49,10 @@ pub struct DhtConfig {
     pub replicas: usize,
     /// How many of the closest nodes a get asks.
     pub get_fanout: usize,
+    /// How many closest nodes a lookup must confirm before a store or get picks its targets
+    /// (Kademlia's k). Smaller is faster but, while routing tables are still filling, lets a
+    /// store and a later get settle on different "closest" sets.
+    pub lookup_size: usize,
     /// Timeout of one RPC, milliseconds.
     pub rpc_timeout_ms: u64,
     /// Timeout of a closest-peers lookup, milliseconds.
@@ -98,6 +102,7 @@ impl Default for DhtConfig {
         Self {
             replicas: 5,
             get_fanout: 10,
+            lookup_size: 20,
             rpc_timeout_ms: 5_000,
             lookup_timeout_ms: 10_000,
             replicate_interval_s: 60,

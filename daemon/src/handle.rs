@@ -206,7 +206,7 @@ impl NodeHandle {
         let Closest {
             mut peers,
             self_server,
-        } = self.closest_peers(key, n).await?;
+        } = self.closest_peers(key, self.dht.lookup_size.max(n)).await?;
         if self_server || peers.is_empty() {
             peers.push((self.peer_id, vec![]));
         }

@@ -684,19 +684,8 @@ impl SwarmActor {
                     },
                 ..
             } => {
-                let result = match response {
-                    Wire::Valid(r) => Ok(r),
-                    Wire::Invalid(why) => {
-                        self.offence(peer, &format!("sent a bad response: {why}"));
-                        Err(RpcFailure::Failed {
-                            peer,
-                            reason: format!("bad response: {why}"),
-                        })
-                    }
-                };
-                if let Some(reply) = self.pending_rpc.remove(&request_id) {
-                    let _ = reply.send(result);
-                }
+                let result = self.check_response(peer, response);
+                settle(&mut self.pending_rpc, request_id, result);
             }
             Event::OutboundFailure {
                 peer,
@@ -704,12 +693,12 @@ impl SwarmActor {
                 error,
                 ..
             } => {
-                if let Some(reply) = self.pending_rpc.remove(&request_id) {
-                    let _ = reply.send(Err(RpcFailure::Failed {
-                        peer,
-                        reason: error.to_string(),
-                    }));
-                }
+                let reason = error.to_string();
+                settle(
+                    &mut self.pending_rpc,
+                    request_id,
+                    Err(RpcFailure::Failed { peer, reason }),
+                );
             }
             Event::InboundFailure { peer, error, .. } => {
                 debug!(%peer, "inbound rpc failed: {error}")
@@ -768,16 +757,8 @@ impl SwarmActor {
                     },
                 ..
             } => {
-                let result = match response {
-                    Wire::Valid(ack) => Ok(ack),
-                    Wire::Invalid(why) => Err(RpcFailure::Failed {
-                        peer,
-                        reason: format!("bad acknowledgement: {why}"),
-                    }),
-                };
-                if let Some(reply) = self.pending_parts.remove(&request_id) {
-                    let _ = reply.send(result);
-                }
+                let result = self.check_response(peer, response);
+                settle(&mut self.pending_parts, request_id, result);
             }
             Event::OutboundFailure {
                 peer,
@@ -785,18 +766,48 @@ impl SwarmActor {
                 error,
                 ..
             } => {
-                if let Some(reply) = self.pending_parts.remove(&request_id) {
-                    let _ = reply.send(Err(RpcFailure::Failed {
-                        peer,
-                        reason: error.to_string(),
-                    }));
-                }
+                let reason = error.to_string();
+                settle(
+                    &mut self.pending_parts,
+                    request_id,
+                    Err(RpcFailure::Failed { peer, reason }),
+                );
             }
             Event::InboundFailure { peer, error, .. } => {
                 debug!(%peer, "inbound all-reduce message failed: {error}")
             }
             Event::ResponseSent { .. } => {}
         }
+    }
+}
+
+impl SwarmActor {
+    /// A decoded answer, or the failure its sender earns a strike for.
+    fn check_response<T>(&mut self, peer: PeerId, response: Wire<T>) -> Result<T, RpcFailure> {
+        match response {
+            Wire::Valid(r) => Ok(r),
+            Wire::Invalid(why) => {
+                self.offence(peer, &format!("sent a bad response: {why}"));
+                Err(RpcFailure::Failed {
+                    peer,
+                    reason: format!("bad response: {why}"),
+                })
+            }
+        }
+    }
+}
+
+/// Delivers the outcome of an outbound request to whoever is waiting for it.
+fn settle<T>(
+    pending: &mut HashMap<
+        request_response::OutboundRequestId,
+        oneshot::Sender<Result<T, RpcFailure>>,
+    >,
+    id: request_response::OutboundRequestId,
+    result: Result<T, RpcFailure>,
+) {
+    if let Some(reply) = pending.remove(&id) {
+        let _ = reply.send(result);
     }
 }
 
