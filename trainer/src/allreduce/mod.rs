@@ -1,11 +1,12 @@
 //! The bandwidth-aware butterfly all-reduce (DeDLOC), as pure algorithms: shard sizes from
 //! measured bandwidths ([`balance`]), cutting the vector ([`partition`]), the per-shard reducer
 //! with fault semantics ([`reducer`]), the round state machine ([`round`]), part compression
-//! ([`compression`]) and robust aggregation ([`robust`]). Matchmaking and the transport come
-//! next.
+//! ([`compression`]), robust aggregation ([`robust`]) and turning published declarations into
+//! groups and plans ([`matchmaking`]). The transport lives in the daemon.
 
 pub mod balance;
 pub mod compression;
+pub mod matchmaking;
 pub mod partition;
 pub mod reducer;
 pub mod robust;
