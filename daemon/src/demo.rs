@@ -37,7 +37,99 @@ struct Summary {
     ping_rtt_ms: Vec<Vec<Option<f64>>>,
     forged_overwrite_refused: bool,
     gossip_delivered: usize,
+    allreduce: AllReduceSummary,
     http: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct AllReduceSummary {
+    values: usize,
+    ms: f64,
+    shard_sizes: Vec<usize>,
+    max_abs_err: f64,
+}
+
+/// One butterfly all-reduce round over the demo swarm: the last node is a client (it reduces
+/// nothing), shard sizes come from the load-balancing optimum for declared bandwidths.
+async fn demo_allreduce(swarm: &LocalSwarm) -> anyhow::Result<AllReduceSummary> {
+    use colony_protocol::allreduce::RoundId;
+    use colony_trainer::allreduce::balance::{Link, PeerMode, optimal_split};
+    use colony_trainer::allreduce::compression::Compression;
+    use colony_trainer::allreduce::partition::shard_sizes;
+    use colony_trainer::allreduce::round::RoundSpec;
+
+    let n = swarm.nodes.len();
+    let len = 1 << 20;
+    let modes: Vec<PeerMode> = (0..n)
+        .map(|i| {
+            if i + 1 == n {
+                PeerMode::Client
+            } else {
+                PeerMode::Node
+            }
+        })
+        .collect();
+    let links: Vec<Link> = modes
+        .iter()
+        .enumerate()
+        .map(|(i, &mode)| Link {
+            up: 100.0 * (i + 1) as f64,
+            down: 100.0 * (i + 1) as f64,
+            mode,
+        })
+        .collect();
+    let plan = optimal_split(&links)?;
+    let weights: Vec<f64> = (0..n).map(|i| 100.0 * (i + 1) as f64).collect();
+    let spec = RoundSpec {
+        modes,
+        weights: weights.clone(),
+        shard_sizes: shard_sizes(len, &plan.fractions, 1024),
+        part_len: 1 << 16,
+    };
+    let group = crate::allreduce::Group {
+        round: RoundId(rand::random()),
+        members: swarm.nodes.iter().map(|x| x.peer_id()).collect(),
+        spec: spec.clone(),
+        compression: Compression::None,
+    };
+    let vectors: Vec<Vec<f32>> = (0..n)
+        .map(|i| {
+            (0..len)
+                .map(|k| ((k * (i + 3)) % 1000) as f32 / 10.0 - 50.0)
+                .collect()
+        })
+        .collect();
+    let t0 = Instant::now();
+    let runs = swarm.nodes.iter().zip(vectors.clone()).map(|(node, v)| {
+        let group = group.clone();
+        async move { crate::allreduce::run_round(&node.handle, &group, v, Default::default()).await }
+    });
+    let reports = futures::future::join_all(runs).await;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    let total: f64 = weights.iter().sum();
+    let mut max_abs_err = 0f64;
+    for r in reports {
+        let v = r?.result.context("a sender got no result")?;
+        for (k, x) in v.iter().enumerate() {
+            let exact = vectors
+                .iter()
+                .zip(&weights)
+                .map(|(u, w)| w * f64::from(u[k]))
+                .sum::<f64>()
+                / total;
+            max_abs_err = max_abs_err.max((f64::from(*x) - exact).abs());
+        }
+    }
+    ensure!(
+        max_abs_err < 1e-3,
+        "all-reduce result is off by {max_abs_err}"
+    );
+    Ok(AllReduceSummary {
+        values: len,
+        ms,
+        shard_sizes: spec.shard_sizes,
+        max_abs_err,
+    })
 }
 
 fn step(json: bool, msg: &str) {
@@ -204,6 +296,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
 
+    step(
+        args.json,
+        "all-reduce: the nodes average a 1M-value vector, weighted by their samples",
+    );
+    let allreduce = demo_allreduce(&swarm).await?;
+    if !args.json {
+        println!(
+            "    {} values in {:.0} ms; shards {:?}; max |error| vs exact weighted mean {:.2e}",
+            allreduce.values, allreduce.ms, allreduce.shard_sizes, allreduce.max_abs_err
+        );
+    }
+
     let summary = Summary {
         nodes: args.nodes,
         peer_ids: swarm
@@ -216,6 +320,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ping_rtt_ms: rtt,
         forged_overwrite_refused: refused,
         gossip_delivered: delivered,
+        allreduce,
         http: http_addr.map(|h| format!("http://{h}")),
     };
     if args.json {
