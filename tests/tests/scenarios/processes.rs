@@ -201,3 +201,29 @@ fn corrupt_config_and_key_files_are_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("node.key") && err.contains("corrupt"), "{err}");
 }
+
+/// The README's main job: `colony demo` runs end to end and reports what it checked.
+#[test]
+fn demo_runs_end_to_end() {
+    let out = colony_cli(&["demo", "--json", "--http", "off"], None).unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["nodes"], 4);
+    assert_eq!(v["progress_entries_seen_by_every_node"], 4);
+    assert_eq!(v["forged_overwrite_refused"], true);
+    assert_eq!(v["gossip_delivered"], 3);
+    assert!(
+        v["allreduce"]["max_abs_err"].as_f64().unwrap() < 1e-3,
+        "{v}"
+    );
+    for row in v["ping_rtt_ms"].as_array().unwrap() {
+        assert_eq!(
+            row.as_array()
+                .unwrap()
+                .iter()
+                .filter(|x| x.is_null())
+                .count(),
+            1,
+            "every pair answered a ping: {v}"
+        );
+    }
+}
