@@ -150,12 +150,7 @@ async fn run_case(
     // Warm-up, not measured: right after start every node is still running its Kademlia
     // bootstrap and dialling the others; the figures below are for a settled swarm.
     for i in 0..ops.min(30) {
-        let h = live
-            .lock()
-            .await
-            .choose(&mut rand::thread_rng())
-            .cloned()
-            .expect("nodes");
+        let h = random_node(&live).await.expect("nodes");
         let key = DhtKey::new(format!("warmup/{case}/{i}"))?;
         let _ = h
             .dht_put_owned(key.clone(), vec![0; 8], Duration::from_secs(60))
@@ -168,12 +163,7 @@ async fn run_case(
         .map(|i| {
             let live = live.clone();
             async move {
-                let h = live
-                    .lock()
-                    .await
-                    .choose(&mut rand::thread_rng())
-                    .cloned()
-                    .expect("nodes");
+                let h = random_node(&live).await.expect("nodes");
                 let key = DhtKey::new(format!("bench/{case}/{i}")).expect("valid key");
                 let value: Vec<u8> = (0..64).map(|_| rand::thread_rng().r#gen()).collect();
                 let t = Instant::now();
@@ -242,7 +232,7 @@ async fn run_case(
                     let t = Instant::now();
                     let mut ok = false;
                     for _ in 0..3 {
-                        let Some(h) = live.lock().await.choose(&mut rand::thread_rng()).cloned() else {
+                        let Some(h) = random_node(&live).await else {
                             break;
                         };
                         match h.dht_get(key).await {
@@ -292,4 +282,9 @@ async fn run_case(
         nodes_killed: killed,
         rss_per_node_mib: rss_per_node,
     })
+}
+
+/// A live node chosen at random (none once every node is gone).
+async fn random_node(live: &Mutex<Vec<NodeHandle>>) -> Option<NodeHandle> {
+    live.lock().await.choose(&mut rand::thread_rng()).cloned()
 }
