@@ -27,6 +27,9 @@ pub struct Group {
     pub members: Vec<PeerId>,
     pub spec: RoundSpec,
     pub compression: Compression,
+    /// Expected duration at the declared bandwidths, seconds (0 if unknown): deadlines are
+    /// stretched to a multiple of it, so slow groups are not cut off by fixed timeouts.
+    pub predicted_s: f64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -36,19 +39,37 @@ pub struct DriveConfig {
     pub window: usize,
     /// The whole round fails after this long.
     pub timeout: Duration,
+    /// A peer that has not started the round this long after we did is treated as failed
+    /// (members start within milliseconds of the leader's commit).
+    pub join_grace: Duration,
 }
 
 impl Default for DriveConfig {
     fn default() -> Self {
         Self {
             round: RoundConfig::default(),
-            window: 8,
+            window: 2,
             timeout: Duration::from_secs(120),
+            join_grace: Duration::from_secs(10),
         }
     }
 }
 
-fn scheme_of(c: Compression) -> Scheme {
+/// Deadlines for a round expected to take `predicted_s`: results may be up to 3× late (plus
+/// 10 s), the whole round 4× (plus 30 s); never shorter than configured. Unchanged when
+/// nothing is predicted.
+pub fn stretch(mut cfg: DriveConfig, predicted_s: f64) -> DriveConfig {
+    if !(predicted_s.is_finite() && predicted_s > 0.0) {
+        return cfg;
+    }
+    let p = predicted_s.min(86_400.0);
+    let reducer_ms = (p * 3_000.0) as u64 + 10_000;
+    cfg.round.reducer_timeout_ms = cfg.round.reducer_timeout_ms.max(reducer_ms);
+    cfg.timeout = cfg.timeout.max(Duration::from_secs_f64(p * 4.0 + 30.0));
+    cfg
+}
+
+pub fn scheme_of(c: Compression) -> Scheme {
     match c {
         Compression::None => Scheme::F32,
         Compression::Fp16 => Scheme::F16,
@@ -56,7 +77,7 @@ fn scheme_of(c: Compression) -> Scheme {
     }
 }
 
-fn compression_of(s: Scheme) -> Compression {
+pub fn compression_of(s: Scheme) -> Compression {
     match s {
         Scheme::F32 => Compression::None,
         Scheme::F16 => Compression::Fp16,
@@ -84,8 +105,8 @@ pub async fn run_round(
         .map(|&s| part_lens(s, group.spec.part_len))
         .collect();
     // The most messages this node can legitimately receive: every sender's parts of its shard,
-    // and every aggregator's results.
-    let inbox = n * parts[me].len() + parts.iter().map(Vec::len).sum::<usize>() + n;
+    // every aggregator's results, and one status per member.
+    let inbox = n * parts[me].len() + parts.iter().map(Vec::len).sum::<usize>() + 2 * n;
     let (tx, mut rx) = mpsc::channel(inbox.max(1));
     h.register_round(group.round, tx).await?;
     let result = drive(h, group, me, &parts, vector, cfg, &mut rx).await;
@@ -103,6 +124,7 @@ async fn drive(
     rx: &mut mpsc::Receiver<(PeerId, PartMessage)>,
 ) -> anyhow::Result<RoundReport> {
     let n = group.members.len();
+    let cfg = stretch(cfg, group.predicted_s);
     let t0 = Instant::now();
     let deadline = t0 + cfg.timeout;
     let now = || t0.elapsed().as_millis() as u64;
@@ -119,7 +141,7 @@ async fn drive(
                 to,
                 qrx,
                 cfg.window,
-                deadline,
+                (t0 + cfg.join_grace).min(deadline),
                 fail_tx.clone(),
             ));
         }
@@ -196,6 +218,9 @@ fn decode_body(
         PartBody::Unchanged { part } => Ok(Message::Unchanged {
             part: part as usize,
         }),
+        PartBody::Status { failed } => Ok(Message::Status {
+            failed: failed.into_iter().map(|j| j as usize).collect(),
+        }),
     }
 }
 
@@ -224,6 +249,9 @@ async fn apply(
                         data: compression::encode(group.compression, &data),
                     },
                     Message::Unchanged { part } => PartBody::Unchanged { part: part as u32 },
+                    Message::Status { failed } => PartBody::Status {
+                        failed: failed.into_iter().map(|j| j as u32).collect(),
+                    },
                 };
                 let msg = PartMessage {
                     round: group.round,
@@ -242,15 +270,16 @@ async fn apply(
     None
 }
 
-/// Delivers one peer's messages, `window` at a time, retrying while the peer has not yet
-/// registered the round; reports the peer as failed if a message cannot be delivered.
+/// Delivers one peer's messages, `window` at a time, retrying until `join_by` while the peer
+/// has not yet registered the round; reports the peer as failed if a message cannot be
+/// delivered.
 async fn send_loop(
     h: NodeHandle,
     peer: PeerId,
     index: usize,
     mut rx: mpsc::Receiver<PartMessage>,
     window: usize,
-    deadline: Instant,
+    join_by: Instant,
     failed: mpsc::Sender<usize>,
 ) {
     let sem = Arc::new(Semaphore::new(window.max(1)));
@@ -272,7 +301,7 @@ async fn send_loop(
             loop {
                 match h.send_part(peer, msg.clone()).await {
                     Ok(PartAck::Ok) => return,
-                    Ok(PartAck::UnknownRound) if Instant::now() < deadline => {
+                    Ok(PartAck::UnknownRound) if Instant::now() < join_by => {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                     Ok(other) => {

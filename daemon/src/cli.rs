@@ -70,6 +70,11 @@ pub enum Command {
 pub enum BenchSuite {
     /// DHT put/get latency and success, with and without churn.
     Dht(crate::bench::dht::DhtBenchArgs),
+    /// Bandwidth-aware all-reduce between processes on shaped links (needs root).
+    Allreduce(crate::bench::allreduce::AllreduceBenchArgs),
+    /// One peer of `bench allreduce` (driven over stdin/stdout by the benchmark).
+    #[command(hide = true)]
+    AllreducePeer(crate::bench::allreduce::PeerArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -252,6 +257,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             suite: BenchSuite::Dht(args),
         } => crate::bench::dht::run(args).await,
+        Command::Bench {
+            suite: BenchSuite::Allreduce(args),
+        } => crate::bench::allreduce::run(args).await,
+        Command::Bench {
+            suite: BenchSuite::AllreducePeer(args),
+        } => crate::bench::allreduce::run_peer(args).await,
     }
 }
 

@@ -49,76 +49,78 @@ struct AllReduceSummary {
     max_abs_err: f64,
 }
 
-/// One butterfly all-reduce round over the demo swarm: the last node is a client (it reduces
-/// nothing), shard sizes come from the load-balancing optimum for declared bandwidths.
+/// One butterfly all-reduce round over the demo swarm, formed through the DHT: every node
+/// declares (the last one as a client, which reduces nothing), the lowest peer id proposes and
+/// commits, shard sizes come from the load-balancing optimum for the declared bandwidths.
 async fn demo_allreduce(swarm: &LocalSwarm) -> anyhow::Result<AllReduceSummary> {
-    use colony_protocol::allreduce::RoundId;
-    use colony_trainer::allreduce::balance::{Link, PeerMode, optimal_split};
-    use colony_trainer::allreduce::compression::Compression;
-    use colony_trainer::allreduce::partition::shard_sizes;
-    use colony_trainer::allreduce::round::RoundSpec;
+    use crate::matchmaking::{MatchConfig, Matchmaker, Offer};
+    use colony_trainer::allreduce::balance::PeerMode;
 
     let n = swarm.nodes.len();
     let len = 1 << 20;
-    let modes: Vec<PeerMode> = (0..n)
-        .map(|i| {
-            if i + 1 == n {
-                PeerMode::Client
-            } else {
-                PeerMode::Node
-            }
-        })
-        .collect();
-    let links: Vec<Link> = modes
-        .iter()
-        .enumerate()
-        .map(|(i, &mode)| Link {
-            up: 100.0 * (i + 1) as f64,
-            down: 100.0 * (i + 1) as f64,
-            mode,
-        })
-        .collect();
-    let plan = optimal_split(&links)?;
-    let weights: Vec<f64> = (0..n).map(|i| 100.0 * (i + 1) as f64).collect();
-    let spec = RoundSpec {
-        modes,
-        weights: weights.clone(),
-        shard_sizes: shard_sizes(len, &plan.fractions, 1024),
-        part_len: 1 << 16,
+    let weight = |i: usize| 100.0 * (i + 1) as f64;
+    let vector = |i: usize| -> Vec<f32> {
+        (0..len)
+            .map(|k| ((k * (i + 3)) % 1000) as f32 / 10.0 - 50.0)
+            .collect()
     };
-    let group = crate::allreduce::Group {
-        round: RoundId(rand::random()),
-        members: swarm.nodes.iter().map(|x| x.peer_id()).collect(),
-        spec: spec.clone(),
-        compression: Compression::None,
+    let cfg = MatchConfig {
+        part_len: 1 << 15,
+        min_shard: 1024,
+        ..MatchConfig::default()
     };
-    let vectors: Vec<Vec<f32>> = (0..n)
-        .map(|i| {
-            (0..len)
-                .map(|k| ((k * (i + 3)) % 1000) as f32 / 10.0 - 50.0)
-                .collect()
-        })
-        .collect();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(1500);
     let t0 = Instant::now();
-    let runs = swarm.nodes.iter().zip(vectors.clone()).map(|(node, v)| {
-        let group = group.clone();
-        async move { crate::allreduce::run_round(&node.handle, &group, v, Default::default()).await }
-    });
-    let reports = futures::future::join_all(runs).await;
-    let ms = t0.elapsed().as_secs_f64() * 1e3;
-    let total: f64 = weights.iter().sum();
-    let mut max_abs_err = 0f64;
-    for r in reports {
-        let v = r?.result.context("a sender got no result")?;
-        for (k, x) in v.iter().enumerate() {
-            let exact = vectors
-                .iter()
-                .zip(&weights)
-                .map(|(u, w)| w * f64::from(u[k]))
-                .sum::<f64>()
-                / total;
-            max_abs_err = max_abs_err.max((f64::from(*x) - exact).abs());
+    let runs = swarm.nodes.iter().enumerate().map(|(i, node)| {
+        let cfg = cfg.clone();
+        async move {
+            let mm = Matchmaker::new(node.handle.clone(), "demo").await?;
+            let offer = Offer {
+                mode: if i + 1 == n {
+                    PeerMode::Client
+                } else {
+                    PeerMode::Node
+                },
+                weight: weight(i),
+                up: 12.5e6 * (i + 1) as f64,
+                down: 12.5e6 * (i + 1) as f64,
+            };
+            let group = mm.form_group(1, len, offer, deadline, &cfg).await;
+            mm.close().await;
+            let group = group?.context("a node was left out of the group")?;
+            let report =
+                crate::allreduce::run_round(&node.handle, &group, vector(i), Default::default())
+                    .await?;
+            anyhow::Ok((group, report))
         }
+    });
+    let results = futures::future::join_all(runs).await;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut sum = vec![0f64; len];
+    let total: f64 = (0..n).map(weight).sum();
+    for i in 0..n {
+        for (s, x) in sum.iter_mut().zip(vector(i)) {
+            *s += weight(i) * f64::from(x);
+        }
+    }
+    let mut max_abs_err = 0f64;
+    let mut shard_sizes = Vec::new();
+    for r in results {
+        let (group, report) = r?;
+        ensure!(
+            group.members.len() == n,
+            "the group has {} of {n} nodes",
+            group.members.len()
+        );
+        ensure!(
+            report.failed_aggregators.is_empty(),
+            "a shard was not averaged"
+        );
+        let v = report.result.context("a sender got no result")?;
+        for (x, s) in v.iter().zip(&sum) {
+            max_abs_err = max_abs_err.max((f64::from(*x) - s / total).abs());
+        }
+        shard_sizes = group.spec.shard_sizes;
     }
     ensure!(
         max_abs_err < 1e-3,
@@ -127,7 +129,7 @@ async fn demo_allreduce(swarm: &LocalSwarm) -> anyhow::Result<AllReduceSummary> 
     Ok(AllReduceSummary {
         values: len,
         ms,
-        shard_sizes: spec.shard_sizes,
+        shard_sizes,
         max_abs_err,
     })
 }
@@ -298,12 +300,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     step(
         args.json,
-        "all-reduce: the nodes average a 1M-value vector, weighted by their samples",
+        "all-reduce: the nodes form a group through the DHT and average a 1M-value vector, \
+         weighted by their samples",
     );
     let allreduce = demo_allreduce(&swarm).await?;
     if !args.json {
         println!(
-            "    {} values in {:.0} ms; shards {:?}; max |error| vs exact weighted mean {:.2e}",
+            "    {} values in {:.0} ms (matchmaking included); shards {:?}; \
+             max |error| vs exact weighted mean {:.2e}",
             allreduce.values, allreduce.ms, allreduce.shard_sizes, allreduce.max_abs_err
         );
     }

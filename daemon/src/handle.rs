@@ -478,6 +478,22 @@ impl NodeHandle {
         let _ = self.tx.send(Command::UnregisterRound { round }).await;
     }
 
+    /// Answers matchmaking requests for `run` with `handler` (replacing any earlier one).
+    pub async fn register_group_handler(
+        &self,
+        run: String,
+        handler: crate::swarm::actor::GroupHandler,
+    ) -> anyhow::Result<()> {
+        self.tx
+            .send(Command::RegisterGroupHandler { run, handler })
+            .await
+            .map_err(|_| anyhow!("the node has stopped"))
+    }
+
+    pub async fn unregister_group_handler(&self, run: String) {
+        let _ = self.tx.send(Command::UnregisterGroupHandler { run }).await;
+    }
+
     /// Sends one all-reduce message and waits for its acknowledgement.
     pub async fn send_part(
         &self,

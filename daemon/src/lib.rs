@@ -6,6 +6,7 @@
 //! and routing live in their own crates and reach the network only through here.
 
 pub mod allreduce;
+pub mod bandwidth;
 pub mod bench;
 pub mod cli;
 pub mod clock;
@@ -16,6 +17,8 @@ pub mod handle;
 pub mod http;
 pub mod identity;
 pub mod local;
+pub mod matchmaking;
+pub mod netlab;
 pub mod node;
 pub mod storage;
 pub mod swarm;

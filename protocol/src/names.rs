@@ -15,6 +15,9 @@ pub const AGENT_PREFIX: &str = "colony";
 /// Largest encoded RPC request or response, in bytes. Enforced while reading a stream.
 pub const MAX_RPC_BYTES: usize = 4 * 1024 * 1024;
 /// Largest value stored under one (key, subkey).
+/// Largest bandwidth-probe payload or echo, either way.
+pub const MAX_PROBE_BYTES: usize = 2 * 1024 * 1024;
+/// Largest value of one DHT subkey.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 /// Largest DHT key, in bytes.
 pub const MAX_KEY_BYTES: usize = 256;

@@ -5,12 +5,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::allreduce::{GroupRequest, GroupResponse};
 use crate::dht::{DhtEntry, DhtKey};
 use crate::names::MAX_RPC_BYTES;
 use crate::{CodecError, decode, encode};
 
 /// A request from one peer to another.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Request {
     /// Liveness and round-trip time; the response echoes the nonce and payload.
     Ping { nonce: u64, payload: Vec<u8> },
@@ -20,10 +21,18 @@ pub enum Request {
     DhtStore { entries: Vec<DhtEntry> },
     /// All unexpired entries the peer holds under a key.
     DhtFind { key: DhtKey },
+    /// Bandwidth probe: the peer discards `payload` and answers with `echo` bytes.
+    Probe {
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+        echo: u32,
+    },
+    /// All-reduce matchmaking (proposals and commits of a group's leader).
+    Group(GroupRequest),
 }
 
 /// The answer to a [`Request`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     Pong {
         nonce: u64,
@@ -37,6 +46,11 @@ pub enum Response {
     DhtFound {
         entries: Vec<DhtEntry>,
     },
+    Probe {
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
+    Group(GroupResponse),
     Error(RpcError),
 }
 
@@ -97,6 +111,8 @@ impl Request {
             Request::NodeInfo => "node_info",
             Request::DhtStore { .. } => "dht_store",
             Request::DhtFind { .. } => "dht_find",
+            Request::Probe { .. } => "probe",
+            Request::Group(_) => "group",
         }
     }
 }

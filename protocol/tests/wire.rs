@@ -1,7 +1,10 @@
 //! Round-trip property tests for every wire type, and decoders against arbitrary bytes.
 #![allow(clippy::unwrap_used)]
 
-use colony_protocol::allreduce::{PartAck, PartBody, PartMessage, RoundId, Scheme};
+use colony_protocol::allreduce::{
+    GroupCommit, GroupRequest, GroupResponse, PartAck, PartBody, PartMessage, RoundId, Scheme,
+    WireAggregation, WireMode,
+};
 use colony_protocol::dht::{DhtEntry, DhtKey, Subkey};
 use colony_protocol::identity::{NodeKeypair, NodePublicKey, Signature};
 use colony_protocol::rpc::{NodeInfo, Request, Response, RpcError, RpcErrorCode, StoreOutcome};
@@ -63,6 +66,63 @@ fn request() -> impl Strategy<Value = Request> {
         Just(Request::NodeInfo),
         proptest::collection::vec(entry(), 0..8).prop_map(|entries| Request::DhtStore { entries }),
         key().prop_map(|key| Request::DhtFind { key }),
+        (proptest::collection::vec(any::<u8>(), 0..256), any::<u32>())
+            .prop_map(|(payload, echo)| Request::Probe { payload, echo }),
+        group_request().prop_map(Request::Group),
+    ]
+}
+
+fn wire_mode() -> impl Strategy<Value = WireMode> {
+    prop_oneof![
+        Just(WireMode::Node),
+        Just(WireMode::Client),
+        Just(WireMode::Aux)
+    ]
+}
+
+fn group_request() -> impl Strategy<Value = GroupRequest> {
+    let commit = (
+        "[a-z]{1,10}",
+        any::<u64>(),
+        any::<[u8; 16]>(),
+        proptest::collection::vec(
+            (
+                proptest::collection::vec(any::<u8>(), 0..40),
+                wire_mode(),
+                0f64..1e6,
+                any::<u64>(),
+            ),
+            0..6,
+        ),
+        any::<u64>(),
+        scheme(),
+        0f64..1e4,
+        prop_oneof![
+            Just(WireAggregation::Mean),
+            (0.01f64..100.0, 1u32..50)
+                .prop_map(|(tau, iters)| WireAggregation::CenteredClip { tau, iters }),
+        ],
+    )
+        .prop_map(
+            |(run, epoch, round, members, part_len, scheme, predicted_s, aggregation)| {
+                GroupRequest::Commit(GroupCommit {
+                    run,
+                    epoch,
+                    round: RoundId(round),
+                    members: members.iter().map(|m| m.0.clone()).collect(),
+                    modes: members.iter().map(|m| m.1).collect(),
+                    weights: members.iter().map(|m| m.2).collect(),
+                    shard_sizes: members.iter().map(|m| m.3).collect(),
+                    part_len,
+                    scheme,
+                    aggregation,
+                    predicted_s,
+                })
+            },
+        );
+    prop_oneof![
+        ("[a-z]{1,10}", any::<u64>()).prop_map(|(run, epoch)| GroupRequest::Propose { run, epoch }),
+        commit,
     ]
 }
 
@@ -97,6 +157,10 @@ fn response() -> impl Strategy<Value = Response> {
         proptest::collection::vec(entry(), 0..8).prop_map(|entries| Response::DhtFound { entries }),
         (error_code(), ".{0,40}")
             .prop_map(|(code, message)| Response::Error(RpcError { code, message })),
+        proptest::collection::vec(any::<u8>(), 0..256)
+            .prop_map(|payload| Response::Probe { payload }),
+        Just(Response::Group(GroupResponse::Accept)),
+        ".{0,30}".prop_map(|why| Response::Group(GroupResponse::Decline(why))),
     ]
 }
 
@@ -129,6 +193,8 @@ fn part_message() -> impl Strategy<Value = PartMessage> {
         )
             .prop_map(|(part, scheme, data)| PartBody::Result { part, scheme, data }),
         any::<u32>().prop_map(|part| PartBody::Unchanged { part }),
+        proptest::collection::vec(any::<u32>(), 0..8)
+            .prop_map(|failed| PartBody::Status { failed }),
     ];
     (any::<[u8; 16]>(), any::<u32>(), body).prop_map(|(r, from, body)| PartMessage {
         round: RoundId(r),

@@ -81,6 +81,7 @@ impl Sim {
         let config = RoundConfig {
             sender_timeout_ms: 2_000,
             reducer_timeout_ms: 5_000,
+            confirm_grace_ms: 1_000,
         };
         let mut sim = Sim {
             rounds: Vec::new(),
@@ -177,6 +178,7 @@ fn setup(modes: &[PeerMode], len: usize, part_len: usize, seed: u64) -> (RoundSp
             .collect(),
         shard_sizes: shard_sizes(len, &plan.fractions, 1),
         part_len,
+        aggregation: Default::default(),
     };
     let vectors = (0..modes.len())
         .map(|_| (0..len).map(|_| rng.float() * 100.0).collect())
@@ -296,5 +298,113 @@ fn a_dead_aggregator_leaves_its_shard_local_and_everyone_reports_it() {
                 assert!(close(v[k], without[k]), "peer {i} element {k}");
             }
         }
+    }
+}
+
+#[test]
+fn an_aggregator_dying_mid_answer_leaves_its_shard_local_for_everyone() {
+    // Node 2 sends all its parts, then dies after answering only some of its shard's parts to
+    // some peers. Without the confirmation step, peers that got an answer would hold the
+    // average and the others their own values; with it, every survivor keeps its own values
+    // for the whole shard and reports the same failure.
+    let modes = [Node, Node, Node, Node, Client];
+    for seed in 1..6u64 {
+        let (mut spec, vectors) = setup(&modes, 3000, 60, seed);
+        spec.shard_sizes = vec![750, 750, 750, 750, 0];
+        let parts: Vec<usize> = spec
+            .shard_sizes
+            .iter()
+            .map(|&s| s.div_ceil(spec.part_len))
+            .collect();
+        assert!(parts[2] >= 2, "the victim reduces several parts");
+        let to_others: usize = (0..modes.len()).filter(|&j| j != 2).map(|j| parts[j]).sum();
+        let answers = parts[2] * (modes.len() - 1);
+        let mut faults = vec![Fault::None; modes.len()];
+        faults[2] = Fault::DiesAfter(to_others + answers / 2 + seed as usize);
+        let shard2 = {
+            let start: usize = spec.shard_sizes[..2].iter().sum();
+            start..start + spec.shard_sizes[2]
+        };
+        let reports = Sim::run(spec, vectors.clone(), faults, seed);
+        let survivors = [0, 1, 3, 4];
+        let first = reports[0].as_ref().unwrap().result.clone().unwrap();
+        for &i in &survivors {
+            let r = reports[i].as_ref().unwrap();
+            assert_eq!(r.failed_aggregators, vec![2], "peer {i}, seed {seed}");
+            let v = r.result.as_ref().unwrap();
+            assert_eq!(
+                &v[shard2.clone()],
+                &vectors[i][shard2.clone()],
+                "peer {i} keeps its own values for the dead aggregator's shard"
+            );
+            for k in (0..v.len()).filter(|k| !shard2.contains(k)) {
+                assert_eq!(v[k], first[k], "peer {i} agrees with peer 0 at {k}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_status_naming_a_shard_makes_every_peer_keep_it_local() {
+    // Peer 3 gives up on aggregator 1 (its results come too late for it), while the others
+    // got them: the statuses spread the verdict, so all agree on shard 1.
+    let modes = [Node, Node, Node, Node];
+    let (mut spec, vectors) = setup(&modes, 800, 50, 3);
+    spec.shard_sizes = vec![200; 4];
+    let config = RoundConfig {
+        sender_timeout_ms: 2_000,
+        reducer_timeout_ms: 5_000,
+        confirm_grace_ms: 1_000,
+    };
+    let mut rounds = Vec::new();
+    let mut queue = VecDeque::new();
+    for (me, v) in vectors.iter().enumerate() {
+        let (r, out) = Round::start(me, spec.clone(), config, v.clone(), 0);
+        rounds.push(r);
+        for o in out {
+            if let Output::Send { to, message } = o {
+                queue.push_back((me, to, message));
+            }
+        }
+    }
+    let mut reports: Vec<Option<RoundReport>> = vec![None; 4];
+    // Results from 1 to 3 are held back until 3 has timed out on 1.
+    let mut held = Vec::new();
+    let mut now = 0;
+    while reports.iter().any(Option::is_none) && now < 20_000 {
+        let Some((from, to, msg)) = queue.pop_front() else {
+            now += 1_000;
+            if now == 6_000 {
+                queue.extend(held.drain(..));
+            }
+            for (i, r) in rounds.iter_mut().enumerate() {
+                for o in r.tick(now) {
+                    match o {
+                        Output::Send { to, message } => queue.push_back((i, to, message)),
+                        Output::Done(rep) => reports[i] = Some(rep),
+                        Output::Misbehaved { peer, reason } => panic!("{peer}: {reason}"),
+                    }
+                }
+            }
+            continue;
+        };
+        if from == 1 && to == 3 && matches!(msg, Message::Result { .. }) && now < 6_000 {
+            held.push((from, to, msg));
+            continue;
+        }
+        for o in rounds[to].on_message(from, msg, now) {
+            match o {
+                Output::Send { to: t, message } => queue.push_back((to, t, message)),
+                Output::Done(rep) => reports[to] = Some(rep),
+                Output::Misbehaved { peer, reason } => panic!("{peer}: {reason}"),
+            }
+        }
+    }
+    let shard1 = spec.shard_sizes[0]..spec.shard_sizes[0] + spec.shard_sizes[1];
+    for (i, r) in reports.iter().enumerate() {
+        let r = r.as_ref().expect("every peer finishes");
+        assert_eq!(r.failed_aggregators, vec![1], "peer {i}");
+        let v = r.result.as_ref().unwrap();
+        assert_eq!(&v[shard1.clone()], &vectors[i][shard1.clone()], "peer {i}");
     }
 }

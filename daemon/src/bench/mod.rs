@@ -1,6 +1,7 @@
 //! `colony bench <suite>`: benchmark suites. Each prints a table and, with `--json FILE`,
 //! writes `{"suite": …, "cases": [ … ]}` as `shared/benchmarks.md` describes.
 
+pub mod allreduce;
 pub mod dht;
 
 use std::path::Path;

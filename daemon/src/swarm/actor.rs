@@ -6,10 +6,11 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use colony_protocol::allreduce::{PartAck, PartMessage, RoundId};
-use colony_protocol::names::MAX_ENTRIES_PER_STORE;
+use colony_protocol::allreduce::{GroupRequest, GroupResponse, PartAck, PartMessage, RoundId};
+use colony_protocol::names::{MAX_ENTRIES_PER_STORE, MAX_PROBE_BYTES};
 use colony_protocol::rpc::RpcErrorCode;
 use colony_protocol::{DhtEntry, DhtKey, NodeInfo, Request, Response, StoreOutcome};
 use futures::StreamExt;
@@ -148,6 +149,14 @@ pub enum Command {
         peer: PeerId,
         reply: oneshot::Sender<bool>,
     },
+    /// Answers matchmaking requests for `run` with `handler` until unregistered.
+    RegisterGroupHandler {
+        run: String,
+        handler: GroupHandler,
+    },
+    UnregisterGroupHandler {
+        run: String,
+    },
     Subscribe {
         topic: String,
         reply: oneshot::Sender<Result<(), String>>,
@@ -157,6 +166,16 @@ pub enum Command {
         data: Vec<u8>,
         reply: oneshot::Sender<Result<(), String>>,
     },
+}
+
+/// Answers one matchmaking request (synchronously, inside the actor: it must not block).
+#[derive(Clone)]
+pub struct GroupHandler(pub Arc<dyn Fn(PeerId, GroupRequest) -> GroupResponse + Send + Sync>);
+
+impl std::fmt::Debug for GroupHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupHandler")
+    }
 }
 
 #[derive(Default)]
@@ -181,6 +200,7 @@ pub struct SwarmActor {
     pending_closest: HashMap<kad::QueryId, oneshot::Sender<Closest>>,
     peers: HashMap<PeerId, PeerState>,
     rounds: HashMap<RoundId, mpsc::Sender<(PeerId, PartMessage)>>,
+    group_handlers: HashMap<String, GroupHandler>,
     pending_parts:
         HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<PartAck, RpcFailure>>>,
     data_dir: DataDir,
@@ -226,6 +246,7 @@ impl SwarmActor {
             pending_closest: HashMap::new(),
             peers: HashMap::new(),
             rounds: HashMap::new(),
+            group_handlers: HashMap::new(),
             pending_parts: HashMap::new(),
             data_dir,
             services,
@@ -387,6 +408,12 @@ impl SwarmActor {
             Command::UnregisterRound { round } => {
                 self.rounds.remove(&round);
             }
+            Command::RegisterGroupHandler { run, handler } => {
+                self.group_handlers.insert(run, handler);
+            }
+            Command::UnregisterGroupHandler { run } => {
+                self.group_handlers.remove(&run);
+            }
             Command::SendPart {
                 peer,
                 message,
@@ -502,6 +529,28 @@ impl SwarmActor {
             Request::DhtFind { key } => Response::DhtFound {
                 entries: self.store.get(&key, now_ms()),
             },
+            Request::Probe { payload, echo } => {
+                if payload.len() > MAX_PROBE_BYTES || echo as usize > MAX_PROBE_BYTES {
+                    self.offence(peer, "oversized bandwidth probe");
+                    return Response::error(
+                        RpcErrorCode::TooLarge,
+                        format!("probes carry at most {MAX_PROBE_BYTES} bytes each way"),
+                    );
+                }
+                Response::Probe {
+                    payload: vec![0x5a; echo as usize],
+                }
+            }
+            Request::Group(g) => {
+                let run = match &g {
+                    GroupRequest::Propose { run, .. } => run.as_str(),
+                    GroupRequest::Commit(c) => c.run.as_str(),
+                };
+                Response::Group(match self.group_handlers.get(run) {
+                    Some(h) => (h.0)(peer, g),
+                    None => GroupResponse::Decline(format!("not matchmaking for run {run:?}")),
+                })
+            }
         }
     }
 

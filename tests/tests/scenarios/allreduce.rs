@@ -65,21 +65,25 @@ async fn run(modes: &[PeerMode], compression: Compression, len: usize, abs_tol: 
         weights: weights.clone(),
         shard_sizes: shard_sizes(len, &plan.fractions, 64),
         part_len: 4096,
+        aggregation: Default::default(),
     };
     let group = Group {
         round: RoundId(rand::random()),
         members: swarm.nodes.iter().map(|n| n.peer_id()).collect(),
         spec,
         compression,
+        predicted_s: 0.0,
     };
     let vs = vectors(modes.len(), len);
     let cfg = DriveConfig {
         round: RoundConfig {
             sender_timeout_ms: 10_000,
             reducer_timeout_ms: 20_000,
+            confirm_grace_ms: 5_000,
         },
         window: 8,
         timeout: Duration::from_secs(60),
+        join_grace: Duration::from_secs(10),
     };
     let runs = swarm.nodes.iter().zip(vs.clone()).map(|(node, v)| {
         let group = group.clone();
@@ -158,21 +162,25 @@ async fn survivors_finish_and_agree_when_a_node_dies_mid_round() {
         weights: weights.clone(),
         shard_sizes: shard_sizes(len, &[0.2; 5], 64),
         part_len: 2048,
+        aggregation: Default::default(),
     };
     let group = Group {
         round: RoundId(rand::random()),
         members: swarm.nodes.iter().map(|n| n.peer_id()).collect(),
         spec: spec.clone(),
         compression: Compression::None,
+        predicted_s: 0.0,
     };
     let vs = vectors(5, len);
     let cfg = DriveConfig {
         round: RoundConfig {
             sender_timeout_ms: 3_000,
             reducer_timeout_ms: 8_000,
+            confirm_grace_ms: 2_000,
         },
         window: 4,
         timeout: Duration::from_secs(60),
+        join_grace: Duration::from_secs(10),
     };
     let victim = swarm.nodes.remove(2);
     let mut tasks = Vec::new();

@@ -5,6 +5,8 @@
 
 mod allreduce;
 mod in_process;
+mod matchmaking;
 mod misbehaviour;
+mod netns_allreduce;
 mod netns_relay;
 mod processes;

@@ -115,6 +115,7 @@ fn plan_one(group: &[&Declaration], rules: GroupRules) -> Result<GroupPlan, Bala
             .collect(),
         shard_sizes: shard_sizes(rules.len, &plan.fractions, rules.min_shard),
         part_len: rules.part_len,
+        aggregation: Default::default(),
     };
     Ok(GroupPlan {
         members: group.iter().map(|d| d.peer.clone()).collect(),

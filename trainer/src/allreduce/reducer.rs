@@ -28,11 +28,25 @@ pub enum ReduceError {
     SenderFailed(usize),
 }
 
+/// How an aggregator combines the senders' copies of a part.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Aggregation {
+    /// The weighted mean (exact, streaming: nothing but the running sum is kept).
+    #[default]
+    Mean,
+    /// CenteredClip over each part's copies (`super::robust`): a sender with weight share δ
+    /// moves a part by at most δ·τ per iteration, whatever it sends. Keeps every copy of a
+    /// part until the part is complete.
+    CenteredClip { tau: f64, iters: u32 },
+}
+
 #[derive(Debug)]
 struct PartAcc {
     sum: Vec<f64>,
     weight: f64,
     got: Vec<bool>,
+    /// Each sender's copy and weight (CenteredClip only).
+    copies: Vec<Option<(f64, Vec<f32>)>>,
 }
 
 /// The reducer of one shard, split into parts of the given lengths.
@@ -40,10 +54,15 @@ struct PartAcc {
 pub struct ShardReducer {
     parts: Vec<PartAcc>,
     failed: Vec<bool>,
+    aggregation: Aggregation,
 }
 
 impl ShardReducer {
     pub fn new(part_lens: &[usize], senders: usize) -> Self {
+        Self::with_aggregation(part_lens, senders, Aggregation::Mean)
+    }
+
+    pub fn with_aggregation(part_lens: &[usize], senders: usize, aggregation: Aggregation) -> Self {
         Self {
             parts: part_lens
                 .iter()
@@ -51,9 +70,11 @@ impl ShardReducer {
                     sum: vec![0.0; len],
                     weight: 0.0,
                     got: vec![false; senders],
+                    copies: vec![None; senders],
                 })
                 .collect(),
             failed: vec![false; senders],
+            aggregation,
         }
     }
 
@@ -94,6 +115,9 @@ impl ShardReducer {
         }
         acc.weight += weight;
         acc.got[sender] = true;
+        if matches!(self.aggregation, Aggregation::CenteredClip { .. }) && weight > 0.0 {
+            acc.copies[sender] = Some((weight, data.to_vec()));
+        }
         Ok(())
     }
 
@@ -121,7 +145,27 @@ impl ShardReducer {
             return None;
         }
         let acc = &self.parts[part];
-        (acc.weight > 0.0).then(|| acc.sum.iter().map(|s| (s / acc.weight) as f32).collect())
+        if acc.weight <= 0.0 {
+            return None;
+        }
+        let mean = || acc.sum.iter().map(|s| (s / acc.weight) as f32).collect();
+        match self.aggregation {
+            Aggregation::Mean => Some(mean()),
+            Aggregation::CenteredClip { tau, iters } => {
+                let (weights, copies): (Vec<f64>, Vec<&[f32]>) = acc
+                    .copies
+                    .iter()
+                    .flatten()
+                    .map(|(w, x)| (*w, x.as_slice()))
+                    .unzip();
+                // The inputs were validated on arrival, so this cannot fail; the mean is the
+                // answer for an unclipped (infinite) radius.
+                Some(
+                    super::robust::centered_clip(&copies, &weights, tau, iters as usize)
+                        .unwrap_or_else(|_| mean()),
+                )
+            }
+        }
     }
 
     /// Senders that contributed to `part`.
@@ -189,6 +233,53 @@ mod tests {
         );
         assert_eq!(r.contributors(1), vec![0, 1]);
         assert_eq!(r.add(2, 1, 3.0, &[6.0]), Err(ReduceError::SenderFailed(2)));
+    }
+
+    #[test]
+    fn centered_clip_bounds_a_byzantine_sender_where_the_mean_does_not() {
+        let honest: Vec<Vec<f32>> = (0..5).map(|i| vec![1.0 + 0.01 * i as f32; 8]).collect();
+        let evil = vec![1e7f32; 8];
+        let (tau, iters) = (0.5, 5);
+        let run = |agg: Aggregation| {
+            let mut r = ShardReducer::with_aggregation(&[8], 6, agg);
+            for (s, v) in honest.iter().enumerate() {
+                r.add(s, 0, 1.0, v).unwrap();
+            }
+            r.add(5, 0, 1.0, &evil).unwrap();
+            r.mean(0).unwrap()
+        };
+        let clipped = run(Aggregation::CenteredClip { tau, iters });
+        let plain = run(Aggregation::Mean);
+        let honest_mean = 1.02f64;
+        let dist = |v: &[f32]| {
+            v.iter()
+                .map(|x| (f64::from(*x) - honest_mean).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        // The attacker holds 1/6 of the weight: at most τ/6 per iteration, plus the honest
+        // spread.
+        assert!(
+            dist(&clipped) <= tau / 6.0 * f64::from(iters) + 0.1,
+            "{clipped:?}"
+        );
+        assert!(dist(&plain) > 1e6, "the plain mean is dragged away");
+        // Without an attacker and with a radius wider than the spread, it is the mean.
+        let mut r = ShardReducer::with_aggregation(
+            &[8],
+            5,
+            Aggregation::CenteredClip {
+                tau: 10.0,
+                iters: 3,
+            },
+        );
+        for (s, v) in honest.iter().enumerate() {
+            r.add(s, 0, 1.0 + s as f64, v).unwrap();
+        }
+        let exact_mean = exact(&honest, &[1.0, 2.0, 3.0, 4.0, 5.0], &[0, 1, 2, 3, 4]);
+        for (a, b) in r.mean(0).unwrap().iter().zip(exact_mean) {
+            assert!((a - b).abs() < 1e-5);
+        }
     }
 
     #[test]

@@ -8,14 +8,19 @@
 //! the vector; a member with an empty shard (a client) reduces nothing.
 //!
 //! States: `Running` until every shard is settled (all its parts averaged, or its aggregator
-//! failed and the local values are kept) and, for an aggregator, every part of its own shard
-//! has been answered; then `Done` with a [`RoundReport`].
+//! failed) and, for an aggregator, every part of its own shard has been answered; then
+//! `Confirming`: each peer that holds a result tells the others which aggregators it gave up
+//! on ([`Message::Status`]) and waits for theirs (bounded by the round's deadlines). The union
+//! is the round's verdict: every listed shard is put back to this peer's own values, even
+//! parts that did arrive averaged, so that peers which heard from a dying aggregator and peers
+//! which did not end up agreeing. Then `Done` with a [`RoundReport`]. Statuses travel between
+//! every pair of senders of which at least one aggregates (clients cannot reach each other).
 
 use std::ops::Range;
 
 use super::balance::PeerMode;
 use super::partition::{part_lens, shard_ranges};
-use super::reducer::{ReduceError, ShardReducer};
+use super::reducer::{Aggregation, ReduceError, ShardReducer};
 
 /// The plan every member of a group agrees on.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,6 +32,8 @@ pub struct RoundSpec {
     pub shard_sizes: Vec<usize>,
     /// Elements per streamed part.
     pub part_len: usize,
+    /// How aggregators combine the copies of a part.
+    pub aggregation: Aggregation,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -35,6 +42,8 @@ pub struct RoundConfig {
     pub sender_timeout_ms: u64,
     /// A sender keeps its local values for a shard whose results are this late.
     pub reducer_timeout_ms: u64,
+    /// After the reducer timeout, how much longer a peer waits for the others' statuses.
+    pub confirm_grace_ms: u64,
 }
 
 impl Default for RoundConfig {
@@ -42,6 +51,7 @@ impl Default for RoundConfig {
         Self {
             sender_timeout_ms: 15_000,
             reducer_timeout_ms: 30_000,
+            confirm_grace_ms: 5_000,
         }
     }
 }
@@ -60,6 +70,8 @@ pub enum Message {
     /// Part `part` of the sender's shard had no contributor with a positive weight left:
     /// every sender keeps its own values for it.
     Unchanged { part: usize },
+    /// The sender is done and gave up on these aggregators' shards.
+    Status { failed: Vec<usize> },
 }
 
 /// What the caller must do.
@@ -82,7 +94,8 @@ pub enum Output {
 pub struct RoundReport {
     /// The averaged vector (senders only; aux peers get `None`).
     pub result: Option<Vec<f32>>,
-    /// Aggregators whose shard stayed local (they failed or were too late).
+    /// Aggregators whose shard holds this peer's own values (they failed, were too late, or
+    /// another peer said so), agreed by every peer whose status arrived.
     pub failed_aggregators: Vec<usize>,
     /// Senders this peer's reducer dropped.
     pub failed_senders: Vec<usize>,
@@ -97,6 +110,12 @@ pub struct Round {
     parts: Vec<Vec<usize>>,
     /// This peer's vector, overwritten part by part with averages.
     vector: Vec<f32>,
+    /// Its values before the round (senders only), to put failed shards back.
+    original: Vec<f32>,
+    /// Statuses received, by member.
+    statuses: Vec<Option<Vec<usize>>>,
+    confirming: bool,
+    now_ms: u64,
     /// Which parts of each shard have come back averaged.
     got: Vec<Vec<bool>>,
     aggregator_failed: Vec<bool>,
@@ -132,14 +151,23 @@ impl Round {
         let got = parts.iter().map(|p| vec![false; p.len()]).collect();
         let reducer = spec.modes[me]
             .aggregates()
-            .then(|| ShardReducer::new(&parts[me], n));
+            .then(|| ShardReducer::with_aggregation(&parts[me], n, spec.aggregation));
         let answered = vec![false; parts[me].len()];
+        let original = if spec.modes[me].sends() {
+            vector.clone()
+        } else {
+            Vec::new()
+        };
         let mut round = Self {
             me,
             config,
             ranges,
             parts,
             vector,
+            original,
+            statuses: vec![None; n],
+            confirming: false,
+            now_ms,
             got,
             aggregator_failed: vec![false; n],
             reducer,
@@ -201,7 +229,19 @@ impl Round {
         if self.done || from >= self.spec.modes.len() {
             return out;
         }
+        self.now_ms = self.now_ms.max(now_ms);
         match message {
+            Message::Status { failed } => {
+                let n = self.spec.modes.len();
+                if !sends(&self.spec, from) || failed.iter().any(|&j| j >= n) {
+                    out.push(Output::Misbehaved {
+                        peer: from,
+                        reason: "sent a malformed round status".into(),
+                    });
+                } else {
+                    self.statuses[from] = Some(failed);
+                }
+            }
             Message::Part { part, weight, data } => {
                 let Some(r) = &mut self.reducer else {
                     out.push(Output::Misbehaved {
@@ -227,9 +267,11 @@ impl Round {
                 }
                 self.answer_complete_parts(&mut out);
             }
+            // A result from an aggregator this peer already gave up on (too late) is ignored:
+            // the shard stays local, as the report says.
+            Message::Result { .. } | Message::Unchanged { .. } if self.aggregator_failed[from] => {}
             Message::Result { part, data } => {
                 let ok = sends(&self.spec, self.me)
-                    && !self.aggregator_failed[from]
                     && part < self.parts[from].len()
                     && data.len() == self.parts[from][part]
                     && data.iter().all(|x| x.is_finite());
@@ -246,10 +288,7 @@ impl Round {
                 }
             }
             Message::Unchanged { part } => {
-                if sends(&self.spec, self.me)
-                    && !self.aggregator_failed[from]
-                    && part < self.parts[from].len()
-                {
+                if sends(&self.spec, self.me) && part < self.parts[from].len() {
                     self.got[from][part] = true;
                 } else {
                     out.push(Output::Misbehaved {
@@ -283,6 +322,7 @@ impl Round {
         if self.done {
             return out;
         }
+        self.now_ms = self.now_ms.max(now_ms);
         if self.reducer.is_some() {
             for s in 0..self.spec.modes.len() {
                 let owes = sends(&self.spec, s)
@@ -364,18 +404,80 @@ impl Round {
         }
     }
 
+    /// Whether `me` and `j` exchange statuses: both hold results, and one of them aggregates
+    /// (two clients have no connection to each other).
+    fn status_peer(&self, j: usize) -> bool {
+        j != self.me
+            && sends(&self.spec, self.me)
+            && sends(&self.spec, j)
+            && (self.spec.modes[self.me].aggregates() || self.spec.modes[j].aggregates())
+    }
+
+    fn own_failures(&self) -> Vec<usize> {
+        (0..self.spec.modes.len())
+            .filter(|&j| self.aggregator_failed[j])
+            .collect()
+    }
+
     fn check_done(&mut self, out: &mut Vec<Output>) {
         if self.done {
             return;
         }
-        let own_answered = self.answered.iter().all(|a| *a);
-        let settled = (0..self.spec.modes.len())
-            .all(|j| self.aggregator_failed[j] || self.got[j].iter().all(|g| *g));
-        if own_answered && settled {
+        let n = self.spec.modes.len();
+        if !self.confirming {
+            let own_answered = self.answered.iter().all(|a| *a);
+            let settled =
+                (0..n).all(|j| self.aggregator_failed[j] || self.got[j].iter().all(|g| *g));
+            if !(own_answered && settled) {
+                return;
+            }
+            self.confirming = true;
+            let failed = self.own_failures();
+            // Also to aggregators this peer gave up on: they may only be slow, and must learn
+            // that their own shard is to stay local.
+            for j in 0..n {
+                if self.status_peer(j) && !self.sender_failed[j] {
+                    out.push(Output::Send {
+                        to: j,
+                        message: Message::Status {
+                            failed: failed.clone(),
+                        },
+                    });
+                }
+            }
+        }
+        // Wait for every live status peer, or until every live peer must have settled.
+        let waiting = (0..n).any(|j| {
+            self.status_peer(j)
+                && !self.sender_failed[j]
+                && !self.aggregator_failed[j]
+                && self.statuses[j].is_none()
+        });
+        let deadline =
+            self.started_ms + self.config.reducer_timeout_ms + self.config.confirm_grace_ms;
+        if waiting && self.now_ms < deadline {
+            return;
+        }
+        {
+            // The verdict: every shard anyone gave up on stays local here too.
+            let mut verdict = vec![false; n];
+            for j in self.own_failures() {
+                verdict[j] = true;
+            }
+            for st in self.statuses.iter().flatten() {
+                for &j in st {
+                    verdict[j] = true;
+                }
+            }
+            if sends(&self.spec, self.me) {
+                for j in (0..n).filter(|&j| verdict[j]) {
+                    let range = self.ranges[j].clone();
+                    self.vector[range.clone()].copy_from_slice(&self.original[range]);
+                    self.aggregator_failed[j] = true;
+                }
+            }
             self.done = true;
-            let failed_aggregators = (0..self.spec.modes.len())
-                .filter(|&j| self.aggregator_failed[j])
-                .collect();
+            let failed_aggregators = self.own_failures();
             let failed_senders = (0..self.spec.modes.len())
                 .filter(|&s| self.sender_failed[s] && sends(&self.spec, s))
                 .collect();
