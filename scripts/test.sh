@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-command -v ip >/dev/null || need_apt+=(iproute2)
+{ command -v ip && command -v tc; } >/dev/null || need_apt+=(iproute2)
 command -v kill >/dev/null || need_apt+=(procps)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then

@@ -364,8 +364,17 @@ impl Matchmaker {
         };
         let plans = plan_groups(&decls, rules);
         let Some(plan) = plans.iter().find(|p| p.members.contains(&me.to_bytes())) else {
+            tracing::info!(run = %self.run, epoch, seen = decls.len(), "in no group of its own view");
             return Ok(None);
         };
+        tracing::info!(
+            run = %self.run,
+            epoch,
+            seen = decls.len(),
+            group = plan.members.len(),
+            leads = plan.members.first() == Some(&me.to_bytes()),
+            "read the declarations"
+        );
         if plan.members.first() != Some(&me.to_bytes()) {
             // A client accepts no inbound connections: open one to its leader, so that the
             // proposal and the commit can reach it.
