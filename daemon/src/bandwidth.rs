@@ -76,12 +76,11 @@ pub async fn probe(
     let t0 = Instant::now();
     let stop = t0 + duration;
     // Two requests in flight per peer keep each link busy across round trips.
-    let tasks = peers
+    let tasks: Vec<_> = peers
         .iter()
-        .flat_map(|&peer| (0..2).map(move |_| (peer, h.clone())).collect::<Vec<_>>());
-    let tasks: Vec<_> = tasks
-        .map(|(peer, h)| {
-            let moved = moved.clone();
+        .flat_map(|&peer| [peer, peer])
+        .map(|peer| {
+            let (h, moved) = (h.clone(), moved.clone());
             tokio::spawn(async move {
                 while Instant::now() < stop {
                     let req = match dir {

@@ -397,10 +397,7 @@ impl Matchmaker {
             }
             s.leader = Some(me);
         }
-        let others: Vec<PeerId> = plan.members[1..]
-            .iter()
-            .filter_map(|m| PeerId::from_bytes(m).ok())
-            .collect();
+        let others = peer_ids(&plan.members[1..]);
         let propose = Request::Group(GroupRequest::Propose {
             run: self.run.clone(),
             epoch,
@@ -449,10 +446,7 @@ impl Matchmaker {
             },
             predicted_s: plan.predicted_s,
         };
-        let followers: Vec<PeerId> = commit.members[1..]
-            .iter()
-            .filter_map(|m| PeerId::from_bytes(m).ok())
-            .collect();
+        let followers = peer_ids(&commit.members[1..]);
         let req = Request::Group(GroupRequest::Commit(commit.clone()));
         // Members that miss the commit are the round's ordinary fault (their shards stay
         // local, and everyone's report says so).
@@ -499,6 +493,14 @@ impl Matchmaker {
     pub async fn close(self) {
         self.h.unregister_group_handler(self.run.clone()).await;
     }
+}
+
+/// The well-formed peer ids among `members` (bytes, as in plans and commits).
+fn peer_ids(members: &[Vec<u8>]) -> Vec<PeerId> {
+    members
+        .iter()
+        .filter_map(|m| PeerId::from_bytes(m).ok())
+        .collect()
 }
 
 /// The valid declarations among `entries` for a vector of `len` values.

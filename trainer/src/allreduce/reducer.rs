@@ -1,5 +1,6 @@
 //! Reducing one aggregator's shard: a weighted sum of every sender's copy of each part,
-//! divided by the total weight actually received.
+//! divided by the total weight actually received, or (as an option) CenteredClip over the
+//! copies.
 //!
 //! Fault semantics (hivemind's, made explicit): a sender that fails is dropped from every part
 //! it had not yet delivered; parts it did deliver keep its contribution. Each part's mean is

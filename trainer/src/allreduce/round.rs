@@ -458,36 +458,34 @@ impl Round {
         if waiting && self.now_ms < deadline {
             return;
         }
-        {
-            // The verdict: every shard anyone gave up on stays local here too.
-            let mut verdict = vec![false; n];
-            for j in self.own_failures() {
+        // The verdict: every shard anyone gave up on stays local here too.
+        let mut verdict = vec![false; n];
+        for j in self.own_failures() {
+            verdict[j] = true;
+        }
+        for st in self.statuses.iter().flatten() {
+            for &j in st {
                 verdict[j] = true;
             }
-            for st in self.statuses.iter().flatten() {
-                for &j in st {
-                    verdict[j] = true;
-                }
-            }
-            if sends(&self.spec, self.me) {
-                for j in (0..n).filter(|&j| verdict[j]) {
-                    let range = self.ranges[j].clone();
-                    self.vector[range.clone()].copy_from_slice(&self.original[range]);
-                    self.aggregator_failed[j] = true;
-                }
-            }
-            self.done = true;
-            let failed_aggregators = self.own_failures();
-            let failed_senders = (0..self.spec.modes.len())
-                .filter(|&s| self.sender_failed[s] && sends(&self.spec, s))
-                .collect();
-            let result = sends(&self.spec, self.me).then(|| std::mem::take(&mut self.vector));
-            out.push(Output::Done(RoundReport {
-                result,
-                failed_aggregators,
-                failed_senders,
-            }));
         }
+        if sends(&self.spec, self.me) {
+            for j in (0..n).filter(|&j| verdict[j]) {
+                let range = self.ranges[j].clone();
+                self.vector[range.clone()].copy_from_slice(&self.original[range]);
+                self.aggregator_failed[j] = true;
+            }
+        }
+        self.done = true;
+        let failed_aggregators = self.own_failures();
+        let failed_senders = (0..self.spec.modes.len())
+            .filter(|&s| self.sender_failed[s] && sends(&self.spec, s))
+            .collect();
+        let result = sends(&self.spec, self.me).then(|| std::mem::take(&mut self.vector));
+        out.push(Output::Done(RoundReport {
+            result,
+            failed_aggregators,
+            failed_senders,
+        }));
     }
 
     pub fn is_done(&self) -> bool {
