@@ -4,6 +4,7 @@
 //! reported to the round as failed; the round's deadlines run on a 100 ms tick.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -85,6 +86,60 @@ pub fn compression_of(s: Scheme) -> Compression {
     }
 }
 
+/// What moved during one round, as this node saw it: payload bytes (after compression)
+/// acknowledged by each member and received from each member, with the time of the last one
+/// (seconds after the round started). Bytes over the time since the start are lower bounds
+/// on the links' rates: [`crate::bandwidth::Monitor`] folds them in.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Transfers {
+    /// How long the round took here, seconds.
+    pub secs: f64,
+    /// The leader's predicted duration (0 if none).
+    pub predicted_s: f64,
+    /// Indexed by member: (bytes, seconds after the start when the last was acknowledged).
+    pub sent: Vec<(u64, f64)>,
+    /// Indexed by member: (bytes, seconds after the start when the last arrived).
+    pub received: Vec<(u64, f64)>,
+    pub members: Vec<PeerId>,
+}
+
+impl Transfers {
+    /// Total bytes and the time the last of them moved, over all members.
+    pub fn total(v: &[(u64, f64)]) -> (u64, f64) {
+        v.iter()
+            .fold((0, 0.0), |(b, t), &(bytes, at)| (b + bytes, t.max(at)))
+    }
+}
+
+/// One peer's running tally: payload bytes, and milliseconds after the start of the last.
+#[derive(Debug, Default)]
+struct Tally {
+    bytes: AtomicU64,
+    last_ms: AtomicU64,
+}
+
+impl Tally {
+    fn add(&self, bytes: usize, at: Instant, t0: Instant) {
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        let ms = at.saturating_duration_since(t0).as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> (u64, f64) {
+        (
+            self.bytes.load(Ordering::Relaxed),
+            self.last_ms.load(Ordering::Relaxed) as f64 / 1e3,
+        )
+    }
+}
+
+fn payload_len(body: &PartBody) -> usize {
+    match body {
+        PartBody::Part { data, .. } | PartBody::Result { data, .. } => data.len(),
+        PartBody::Unchanged { .. } | PartBody::Status { .. } => 0,
+    }
+}
+
 /// Runs this node's part of `group`'s round on `vector` and returns how it ended.
 pub async fn run_round(
     h: &NodeHandle,
@@ -92,6 +147,16 @@ pub async fn run_round(
     vector: Vec<f32>,
     cfg: DriveConfig,
 ) -> anyhow::Result<RoundReport> {
+    Ok(run_round_measured(h, group, vector, cfg).await?.0)
+}
+
+/// [`run_round`], also returning what moved over the network.
+pub async fn run_round_measured(
+    h: &NodeHandle,
+    group: &Group,
+    vector: Vec<f32>,
+    cfg: DriveConfig,
+) -> anyhow::Result<(RoundReport, Transfers)> {
     let n = group.members.len();
     let me = group
         .members
@@ -109,11 +174,33 @@ pub async fn run_round(
     let inbox = n * parts[me].len() + parts.iter().map(Vec::len).sum::<usize>() + 2 * n;
     let (tx, mut rx) = mpsc::channel(inbox.max(1));
     h.register_round(group.round, tx).await?;
-    let result = drive(h, group, me, &parts, vector, cfg, &mut rx).await;
+    let t0 = Instant::now();
+    let sent: Vec<Arc<Tally>> = (0..n).map(|_| Arc::default()).collect();
+    let received: Vec<Tally> = (0..n).map(|_| Tally::default()).collect();
+    let tallies = Tallies {
+        t0,
+        sent: &sent,
+        received: &received,
+    };
+    let result = drive(h, group, me, &parts, vector, cfg, &mut rx, &tallies).await;
     h.unregister_round(group.round).await;
-    result
+    let transfers = Transfers {
+        secs: t0.elapsed().as_secs_f64(),
+        predicted_s: group.predicted_s,
+        sent: sent.iter().map(|t| t.get()).collect(),
+        received: received.iter().map(Tally::get).collect(),
+        members: group.members.clone(),
+    };
+    result.map(|r| (r, transfers))
 }
 
+struct Tallies<'a> {
+    t0: Instant,
+    sent: &'a [Arc<Tally>],
+    received: &'a [Tally],
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     h: &NodeHandle,
     group: &Group,
@@ -122,17 +209,27 @@ async fn drive(
     vector: Vec<f32>,
     cfg: DriveConfig,
     rx: &mut mpsc::Receiver<(PeerId, PartMessage)>,
+    tallies: &Tallies<'_>,
 ) -> anyhow::Result<RoundReport> {
     let n = group.members.len();
     let cfg = stretch(cfg, group.predicted_s);
-    let t0 = Instant::now();
+    let t0 = tallies.t0;
     let deadline = t0 + cfg.timeout;
     let now = || t0.elapsed().as_millis() as u64;
     let (fail_tx, mut fail_rx) = mpsc::channel::<usize>(n.max(1));
+    let encoder = Encoder {
+        round: group.round,
+        from: me as u32,
+        compression: group.compression,
+    };
     // One queue and one sending task per peer.
     let mut queues = Vec::with_capacity(n);
     for to in 0..n {
-        let (qtx, qrx) = mpsc::channel::<PartMessage>(1024);
+        // Room for everything this round can send to `to` (its shard's parts, our shard's
+        // results, a status), so queueing never waits; a queued part is a shared view, not a
+        // copy.
+        let room = parts[to].len() + parts[me].len() + 2;
+        let (qtx, qrx) = mpsc::channel::<Message>(room);
         queues.push(qtx);
         if to != me {
             tokio::spawn(send_loop(
@@ -140,16 +237,18 @@ async fn drive(
                 group.members[to],
                 to,
                 qrx,
+                encoder,
                 cfg.window,
                 (t0 + cfg.join_grace).min(deadline),
                 fail_tx.clone(),
+                (tallies.sent[to].clone(), t0),
             ));
         }
     }
     drop(fail_tx);
 
     let (mut round, outputs) = Round::start(me, group.spec.clone(), cfg.round, vector, now());
-    if let Some(report) = apply(h, group, me, outputs, &queues).await {
+    if let Some(report) = apply(h, group, outputs, &queues).await {
         return Ok(report);
     }
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -161,6 +260,7 @@ async fn drive(
                     h.report_offence(peer, format!("claimed to be member {from} of an all-reduce group")).await;
                     continue;
                 }
+                tallies.received[from].add(payload_len(&msg.body), Instant::now(), t0);
                 match decode_body(msg.body, from, me, parts) {
                     Ok(m) => round.on_message(from, m, now()),
                     Err(why) => {
@@ -173,7 +273,7 @@ async fn drive(
             _ = tick.tick() => round.tick(now()),
             _ = tokio::time::sleep_until(deadline) => bail!("all-reduce round timed out after {:?}", cfg.timeout),
         };
-        if let Some(report) = apply(h, group, me, outputs, &queues).await {
+        if let Some(report) = apply(h, group, outputs, &queues).await {
             return Ok(report);
         }
     }
@@ -201,7 +301,7 @@ fn decode_body(
             Ok(Message::Part {
                 part: part as usize,
                 weight,
-                data,
+                data: data.into(),
             })
         }
         PartBody::Result { part, scheme, data } => {
@@ -212,7 +312,7 @@ fn decode_body(
                 .map_err(|e| e.to_string())?;
             Ok(Message::Result {
                 part: part as usize,
-                data,
+                data: data.into(),
             })
         }
         PartBody::Unchanged { part } => Ok(Message::Unchanged {
@@ -224,42 +324,21 @@ fn decode_body(
     }
 }
 
-/// Queues the round's messages; returns the report when the round is done.
+/// Queues the round's messages (not yet encoded: each destination's sender encodes its own,
+/// just before sending); returns the report when the round is done.
 async fn apply(
     h: &NodeHandle,
     group: &Group,
-    me: usize,
     outputs: Vec<Output>,
-    queues: &[mpsc::Sender<PartMessage>],
+    queues: &[mpsc::Sender<Message>],
 ) -> Option<RoundReport> {
-    let scheme = scheme_of(group.compression);
     for o in outputs {
         match o {
             Output::Send { to, message } => {
-                let body = match message {
-                    Message::Part { part, weight, data } => PartBody::Part {
-                        part: part as u32,
-                        weight,
-                        scheme,
-                        data: compression::encode(group.compression, &data),
-                    },
-                    Message::Result { part, data } => PartBody::Result {
-                        part: part as u32,
-                        scheme,
-                        data: compression::encode(group.compression, &data),
-                    },
-                    Message::Unchanged { part } => PartBody::Unchanged { part: part as u32 },
-                    Message::Status { failed } => PartBody::Status {
-                        failed: failed.into_iter().map(|j| j as u32).collect(),
-                    },
-                };
-                let msg = PartMessage {
-                    round: group.round,
-                    from: me as u32,
-                    body,
-                };
                 // A closed queue means that peer already failed; the round knows.
-                let _ = queues[to].send(msg).await;
+                if let Err(mpsc::error::TrySendError::Full(m)) = queues[to].try_send(message) {
+                    let _ = queues[to].send(m).await;
+                }
             }
             Output::Misbehaved { peer, reason } => {
                 h.report_offence(group.members[peer], reason).await
@@ -270,17 +349,56 @@ async fn apply(
     None
 }
 
+/// Puts a round message on the wire.
+#[derive(Clone, Copy, Debug)]
+struct Encoder {
+    round: RoundId,
+    from: u32,
+    compression: Compression,
+}
+
+impl Encoder {
+    fn encode(&self, message: &Message) -> PartMessage {
+        let (c, scheme) = (self.compression, scheme_of(self.compression));
+        let body = match message {
+            Message::Part { part, weight, data } => PartBody::Part {
+                part: *part as u32,
+                weight: *weight,
+                scheme,
+                data: compression::encode(c, data),
+            },
+            Message::Result { part, data } => PartBody::Result {
+                part: *part as u32,
+                scheme,
+                data: compression::encode(c, data),
+            },
+            Message::Unchanged { part } => PartBody::Unchanged { part: *part as u32 },
+            Message::Status { failed } => PartBody::Status {
+                failed: failed.iter().map(|&j| j as u32).collect(),
+            },
+        };
+        PartMessage {
+            round: self.round,
+            from: self.from,
+            body,
+        }
+    }
+}
+
 /// Delivers one peer's messages, `window` at a time, retrying until `join_by` while the peer
 /// has not yet registered the round; reports the peer as failed if a message cannot be
-/// delivered.
+/// delivered. Acknowledged payload bytes go to `tally`.
+#[allow(clippy::too_many_arguments)]
 async fn send_loop(
     h: NodeHandle,
     peer: PeerId,
     index: usize,
-    mut rx: mpsc::Receiver<PartMessage>,
+    mut rx: mpsc::Receiver<Message>,
+    encoder: Encoder,
     window: usize,
     join_by: Instant,
     failed: mpsc::Sender<usize>,
+    (tally, t0): (Arc<Tally>, Instant),
 ) {
     let sem = Arc::new(Semaphore::new(window.max(1)));
     let (err_tx, mut err_rx) = mpsc::channel::<()>(1);
@@ -295,12 +413,18 @@ async fn send_loop(
         let Ok(permit) = sem.clone().acquire_owned().await else {
             return;
         };
-        let (h, err_tx) = (h.clone(), err_tx.clone());
+        let (h, err_tx, tally) = (h.clone(), err_tx.clone(), tally.clone());
         tokio::spawn(async move {
             let _permit = permit;
             loop {
-                match h.send_part(peer, msg.clone()).await {
-                    Ok(PartAck::Ok) => return,
+                // Encoded per attempt (one copy; a retry is rare), not kept in a queue.
+                let wire = encoder.encode(&msg);
+                let bytes = payload_len(&wire.body);
+                match h.send_part(peer, wire).await {
+                    Ok(PartAck::Ok) => {
+                        tally.add(bytes, Instant::now(), t0);
+                        return;
+                    }
                     Ok(PartAck::UnknownRound) if Instant::now() < join_by => {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }

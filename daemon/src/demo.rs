@@ -65,7 +65,6 @@ async fn demo_allreduce(swarm: &LocalSwarm) -> anyhow::Result<AllReduceSummary> 
             .collect()
     };
     let cfg = MatchConfig {
-        part_len: 1 << 15,
         min_shard: 1024,
         ..MatchConfig::default()
     };

@@ -8,7 +8,8 @@
 //!    can declare for it.
 //! 2. **Deadline.** At the agreed instant each peer reads the declarations and computes the
 //!    groups with the trainer's deterministic `plan_groups` (Moshpit grouping when a size limit
-//!    is set). The first member of a group (lowest peer id) is its leader.
+//!    is set). The first member of a group (the lowest-id member that is not a client, so that
+//!    every member can reach it) is its leader.
 //! 3. **Propose.** The leader asks each member to join. A peer joins at most one leader per
 //!    epoch (the first that asks; a leader has joined itself), so two leaders with different
 //!    views cannot both count on the same peer.
@@ -32,21 +33,23 @@ use colony_protocol::{DhtKey, Request, Response};
 use colony_trainer::allreduce::balance::PeerMode;
 use colony_trainer::allreduce::compression::Compression;
 use colony_trainer::allreduce::matchmaking::{Declaration, GroupRules, plan_groups};
+use colony_trainer::allreduce::partition::{PartLen, PartRule};
 use colony_trainer::allreduce::reducer::Aggregation;
 use colony_trainer::allreduce::round::RoundSpec;
 use libp2p::PeerId;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::allreduce::{Group, compression_of, scheme_of};
+use crate::allreduce::{DriveConfig, Group, compression_of, scheme_of};
 use crate::handle::{NodeHandle, peer_id_of};
 use crate::swarm::actor::GroupHandler;
 
 /// How one epoch's matchmaking runs.
 #[derive(Clone, Debug)]
 pub struct MatchConfig {
-    /// Elements per streamed part.
-    pub part_len: usize,
+    /// Elements per streamed part, or the pipeline-fill rule (the leader applies it to the
+    /// group's declared bandwidths, with the bytes per element of `compression`).
+    pub part_len: PartLen,
     /// Shards smaller than this go to other aggregators.
     pub min_shard: usize,
     /// Largest group (Moshpit-style regrouping each epoch); None: one group.
@@ -63,7 +66,10 @@ pub struct MatchConfig {
 impl Default for MatchConfig {
     fn default() -> Self {
         Self {
-            part_len: 32 * 1024,
+            part_len: PartLen::Auto(PartRule {
+                window: DriveConfig::default().window,
+                ..PartRule::default()
+            }),
             min_shard: 4096,
             max_group: None,
             compression: Compression::None,
@@ -357,7 +363,14 @@ impl Matchmaker {
         });
         let rules = GroupRules {
             len,
-            part_len: cfg.part_len,
+            part_len: match cfg.part_len {
+                PartLen::Auto(rule) => PartLen::Auto(PartRule {
+                    bytes_per_elem: cfg.compression.encoded_len(1 << 20) as f64
+                        / f64::from(1u32 << 20),
+                    ..rule
+                }),
+                fixed => fixed,
+            },
             min_shard: cfg.min_shard,
             max_group: cfg.max_group,
             seed: epoch,

@@ -231,6 +231,26 @@ fn exact_weighted_mean_for_every_mix_of_modes() {
 }
 
 #[test]
+fn parts_with_no_positive_weight_keep_every_peers_own_values() {
+    // Every sender has weight 0: every part, the peer's own shard included, comes back
+    // `Unchanged`, and each peer ends with exactly its own vector.
+    let modes = [Node, Node, Client, Aux, Node];
+    for seed in 1..4u64 {
+        let (mut spec, vectors) = setup(&modes, 1500, 40, seed);
+        spec.weights = vec![0.0; modes.len()];
+        let reports = Sim::run(spec, vectors.clone(), vec![Fault::None; modes.len()], seed);
+        for (i, r) in reports.iter().enumerate() {
+            let r = r.as_ref().expect("every peer finishes");
+            assert!(r.failed_aggregators.is_empty(), "{r:?}");
+            match &r.result {
+                Some(v) => assert_eq!(v, &vectors[i], "peer {i} seed {seed}"),
+                None => assert_eq!(modes[i], Aux),
+            }
+        }
+    }
+}
+
+#[test]
 fn a_sender_that_dies_mid_stream_is_dropped_consistently() {
     let modes = [Node, Node, Node, Node, Client];
     for seed in 1..8u64 {

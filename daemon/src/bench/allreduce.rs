@@ -32,13 +32,14 @@ use tokio::io::AsyncBufReadExt;
 use tokio::time::Instant;
 
 use super::write_json;
-use crate::allreduce::{DriveConfig, run_round};
-use crate::bandwidth::{Direction, Estimate, probe};
+use crate::allreduce::{DriveConfig, Transfers, run_round_measured};
+use crate::bandwidth::{Direction, Monitor, probe};
 use crate::clock::now_ms;
 use crate::config::{NodeConfig, Reachability};
 use crate::matchmaking::{MatchConfig, Matchmaker, Offer};
 use crate::netlab::{self, NetLab};
 use crate::node::Node;
+use colony_trainer::allreduce::partition::{PartLen, PartRule};
 
 #[derive(Debug, Args)]
 pub struct AllreduceBenchArgs {
@@ -64,9 +65,10 @@ pub struct AllreduceBenchArgs {
     /// Multiplies every profile's link rates (e.g. 0.1 for a quick run).
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
-    /// Elements per streamed part.
-    #[arg(long, default_value_t = 32 * 1024)]
-    pub part_floats: usize,
+    /// Elements per streamed part; by default the leader picks it from the group's
+    /// bandwidths (`partition::auto_part_len`).
+    #[arg(long)]
+    pub part_floats: Option<usize>,
     /// How long each bandwidth probe (upload, then download) runs, milliseconds.
     #[arg(long, default_value_t = 2000)]
     pub probe_ms: u64,
@@ -169,6 +171,9 @@ pub struct AllreduceCase {
     pub links: Vec<LinkSpec>,
     /// Each peer's probed (up, down), Mbit/s.
     pub measured_mbit: Vec<(f64, f64)>,
+    /// Each peer's (up, down) estimate after the last round, Mbit/s: the probe's, raised
+    /// where the rounds' own transfers showed more.
+    pub estimated_mbit: Vec<(f64, f64)>,
     /// Each member's shard, elements, in the last round.
     pub shards: Vec<u64>,
     pub makespan_s: f64,
@@ -274,21 +279,25 @@ fn spawn_peer(
         .args(["--index", &i.to_string()])
         .args(["--mode", link.mode])
         .args(["--floats", &args.floats.to_string()])
-        .args(["--part-floats", &args.part_floats.to_string()])
         .args(["--compression", &args.compression])
         .args(["--window", &args.window.to_string()])
         .args([
             "--data-dir",
             &logs.join(format!("peer-{i}")).to_string_lossy(),
         ]);
+    if let Some(p) = args.part_floats {
+        cmd.args(["--part-floats", &p.to_string()]);
+    }
     if link.mode != "client" {
         cmd.args(["--listen", &listen]);
     }
     if let Some(b) = bootstrap {
         cmd.args(["--bootstrap", b]);
     }
-    if std::env::var_os("RUST_LOG").is_none() {
-        cmd.env("RUST_LOG", "warn,colony_daemon::matchmaking=info");
+    // The peers' log filter (the CLI reads COLONY_LOG): matchmaking decisions at info, so a
+    // round that leaves someone out can be explained from the logs.
+    if std::env::var_os("COLONY_LOG").is_none() {
+        cmd.env("COLONY_LOG", "warn,colony_daemon::matchmaking=info");
     }
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -424,6 +433,7 @@ fn run_profile(
     let mut incomplete = 0;
     let mut short_rounds = 0;
     let mut shards = Vec::new();
+    let mut estimated = Vec::new();
     let round_timeout = Duration::from_secs_f64(60.0 + 20.0 * butterfly);
     for epoch in 0..=args.rounds as u64 {
         let deadline = now_ms() + 3000;
@@ -489,6 +499,11 @@ fn run_profile(
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_u64).collect())
             .unwrap_or_default();
+        let mbit = |v: &Value| v.as_f64().unwrap_or(f64::NAN) * 8.0 / 1e6;
+        estimated = reports
+            .iter()
+            .map(|r| (mbit(&r["up_est"]), mbit(&r["down_est"])))
+            .collect();
     }
     for p in &mut peers {
         let _ = p.send(&json!({"cmd": "quit"}));
@@ -508,6 +523,7 @@ fn run_profile(
         transport: args.transport.clone(),
         links: links.to_vec(),
         measured_mbit: measured,
+        estimated_mbit: estimated,
         shards,
         makespan_s: makespan,
         makespans_s: makespans,
@@ -654,8 +670,8 @@ pub struct PeerArgs {
     pub bootstrap: Option<Multiaddr>,
     #[arg(long)]
     pub floats: usize,
-    #[arg(long, default_value_t = 32 * 1024)]
-    pub part_floats: usize,
+    #[arg(long)]
+    pub part_floats: Option<usize>,
     #[arg(long, default_value = "none")]
     pub compression: String,
     #[arg(long, default_value_t = 7)]
@@ -720,10 +736,18 @@ async fn peer_main(args: &PeerArgs) -> anyhow::Result<()> {
     );
     let mm = Matchmaker::new(h.clone(), "bench").await?;
     let mut roster: Vec<(usize, PeerId)> = Vec::new();
-    let mut up = Estimate::with_cap(args.cap_up_mbit.map(|m| m * 1e6 / 8.0));
-    let mut down = Estimate::with_cap(args.cap_down_mbit.map(|m| m * 1e6 / 8.0));
+    let mut bw = Monitor::new(
+        args.cap_up_mbit.map(|m| m * 1e6 / 8.0),
+        args.cap_down_mbit.map(|m| m * 1e6 / 8.0),
+    );
     let mcfg = MatchConfig {
-        part_len: args.part_floats,
+        part_len: match args.part_floats {
+            Some(n) => PartLen::Fixed(n),
+            None => PartLen::Auto(PartRule {
+                window: args.window,
+                ..PartRule::default()
+            }),
+        },
         compression,
         ..MatchConfig::default()
     };
@@ -751,13 +775,12 @@ async fn peer_main(args: &PeerArgs) -> anyhow::Result<()> {
                     .filter(|p| *p != h.peer_id())
                     .collect();
                 let dur = Duration::from_millis(cmd["ms"].as_u64().unwrap_or(2000));
-                if let Some(u) = probe(&h, &others, Direction::Up, dur, 64 * 1024).await {
-                    up.observe(u);
-                }
-                if let Some(d) = probe(&h, &others, Direction::Down, dur, 64 * 1024).await {
-                    down.observe(d);
-                }
-                say(json!({"event": "probed", "up": up.get(), "down": down.get()}));
+                // Probed in turn, one peer at a time, by the orchestrator's command (so the
+                // probes do not share links); rounds then refine the estimates.
+                let u = probe(&h, &others, Direction::Up, dur, 64 * 1024).await;
+                let d = probe(&h, &others, Direction::Down, dur, 64 * 1024).await;
+                bw.after_probe(u, d, Instant::now());
+                say(json!({"event": "probed", "up": bw.up.get(), "down": bw.down.get()}));
             }
             Some("round") => {
                 let epoch = cmd["epoch"].as_u64().context("round without epoch")?;
@@ -766,7 +789,7 @@ async fn peer_main(args: &PeerArgs) -> anyhow::Result<()> {
                     .context("round without deadline")?;
                 let deadline = Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()));
                 let report = bench_round(
-                    &h, &mm, &mcfg, args, mode, epoch, deadline, &roster, &up, &down,
+                    &h, &mm, &mcfg, args, mode, epoch, deadline, &roster, &mut bw,
                 )
                 .await?;
                 say(report);
@@ -790,15 +813,14 @@ async fn bench_round(
     epoch: u64,
     deadline: Instant,
     roster: &[(usize, PeerId)],
-    up: &Estimate,
-    down: &Estimate,
+    bw: &mut Monitor,
 ) -> anyhow::Result<Value> {
     let weight = 1.0 + args.index as f64;
     let offer = Offer {
         mode,
         weight,
-        up: up.get().unwrap_or(100e6 / 8.0),
-        down: down.get().unwrap_or(100e6 / 8.0),
+        up: bw.up.get().unwrap_or(100e6 / 8.0),
+        down: bw.down.get().unwrap_or(100e6 / 8.0),
     };
     let vector = if mode.sends() {
         peer_vector(args.seed, args.index, epoch, args.floats)
@@ -816,8 +838,9 @@ async fn bench_round(
         window: args.window,
         ..DriveConfig::default()
     };
-    let report = run_round(h, &group, vector, drive).await?;
+    let (report, transfers) = run_round_measured(h, &group, vector, drive).await?;
     let end_ms = now_ms();
+    bw.observe_round(&transfers);
     // The oracle: the exact weighted mean over the members that send data.
     let max_abs_err = match &report.result {
         Some(result) => {
@@ -860,5 +883,11 @@ async fn bench_round(
         "failed_aggregators": report.failed_aggregators,
         "failed_senders": report.failed_senders,
         "max_abs_err": max_abs_err,
+        "offered_up": offer.up,
+        "offered_down": offer.down,
+        "up_est": bw.up.get(),
+        "down_est": bw.down.get(),
+        "sent_bytes": Transfers::total(&transfers.sent).0,
+        "received_bytes": Transfers::total(&transfers.received).0,
     }))
 }

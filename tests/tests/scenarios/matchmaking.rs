@@ -10,6 +10,7 @@ use colony_daemon::matchmaking::{MatchConfig, Matchmaker, Offer};
 use colony_protocol::allreduce::{GroupCommit, GroupRequest, GroupResponse, RoundId, Scheme};
 use colony_protocol::{Request, Response};
 use colony_trainer::allreduce::balance::PeerMode;
+use colony_trainer::allreduce::partition::PartLen;
 use tokio::time::Instant;
 
 use PeerMode::{Aux, Client, Node};
@@ -34,7 +35,7 @@ async fn swarm(n: usize, dir: &std::path::Path) -> LocalSwarm {
 
 fn config(max_group: Option<usize>) -> MatchConfig {
     MatchConfig {
-        part_len: 256,
+        part_len: PartLen::Fixed(256),
         min_shard: 64,
         max_group,
         ..MatchConfig::default()

@@ -15,6 +15,7 @@ fn shaped_clients_profile_is_exact() {
     );
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("allreduce.json");
+    let logs = dir.path().join("logs");
     let net = (100 + std::process::id() % 100).to_string();
     colony_cli(
         &[
@@ -34,14 +35,21 @@ fn shaped_clients_profile_is_exact() {
             &net,
             "--json",
             json.to_str().unwrap(),
+            "--logs",
+            logs.to_str().unwrap(),
         ],
         None,
     )
     .unwrap();
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let case = &doc["cases"][0];
+    let why = diagnostics(&logs.join("clients"));
     assert_eq!(case["profile"], "clients");
-    assert_eq!(case["incomplete_rounds"], 0, "{case}");
+    assert_eq!(
+        case["short_rounds"], 0,
+        "matchmaking left a peer out: {case}\n{why}"
+    );
+    assert_eq!(case["incomplete_rounds"], 0, "{case}\n{why}");
     let err = case["max_abs_err"].as_f64().unwrap();
     assert!(err < 1e-5, "max_abs_err {err}: {case}");
     // Clients reduce nothing; the hetero split gives the slow peers no shard either.
@@ -59,4 +67,28 @@ fn shaped_clients_profile_is_exact() {
     let makespan = case["makespan_s"].as_f64().unwrap();
     let bound = case["lower_bound_s"].as_f64().unwrap();
     assert!(makespan > 0.0 && bound > 0.0);
+}
+
+/// The rounds each peer reported and the matchmaking lines of every peer's log, for a failure
+/// message.
+fn diagnostics(dir: &std::path::Path) -> String {
+    let mut out = std::fs::read_to_string(dir.join("rounds.jsonl")).unwrap_or_default();
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    names.sort();
+    for path in names {
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            out.push_str(&format!("--- {}\n", path.display()));
+            for line in text
+                .lines()
+                .filter(|l| l.contains("matchmaking") || l.contains("WARN") || l.contains("ERROR"))
+            {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }

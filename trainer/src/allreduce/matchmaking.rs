@@ -7,7 +7,7 @@
 //! across groups over successive rounds.
 
 use super::balance::{BalanceError, Link, PeerMode, optimal_split};
-use super::partition::shard_sizes;
+use super::partition::{PartLen, auto_part_len, shard_sizes};
 use super::round::RoundSpec;
 
 /// What a peer declares for a round.
@@ -37,7 +37,7 @@ pub struct GroupPlan {
 pub struct GroupRules {
     /// Elements in the vector.
     pub len: usize,
-    pub part_len: usize,
+    pub part_len: PartLen,
     /// Shards smaller than this go to others.
     pub min_shard: usize,
     /// Largest group (None: one group for everyone).
@@ -93,8 +93,22 @@ pub fn plan_groups(decls: &[Declaration], rules: GroupRules) -> Vec<GroupPlan> {
     };
     groups
         .into_iter()
+        .map(leader_first)
         .filter_map(|g| plan_one(&g, rules).ok())
         .collect()
+}
+
+/// Orders a group (sorted by peer id) for its plan: member 0 leads (proposes and commits), so
+/// it must accept inbound connections: the lowest-id member that is not a client goes first,
+/// the rest keep their order. Two clients cannot reach each other, so a client leader would
+/// strand every other client (seen in the `clients` benchmark whenever a client drew the
+/// lowest id).
+fn leader_first(mut group: Vec<&Declaration>) -> Vec<&Declaration> {
+    if let Some(i) = group.iter().position(|d| d.mode != PeerMode::Client) {
+        let leader = group.remove(i);
+        group.insert(0, leader);
+    }
+    group
 }
 
 fn plan_one(group: &[&Declaration], rules: GroupRules) -> Result<GroupPlan, BalanceError> {
@@ -107,14 +121,27 @@ fn plan_one(group: &[&Declaration], rules: GroupRules) -> Result<GroupPlan, Bala
         })
         .collect();
     let plan = optimal_split(&links)?;
+    let shard_sizes = shard_sizes(rules.len, &plan.fractions, rules.min_shard);
+    let part_len = match rules.part_len {
+        PartLen::Fixed(n) => n.max(1),
+        PartLen::Auto(rule) => {
+            let slowest_up = group
+                .iter()
+                .filter(|d| d.mode.sends())
+                .map(|d| d.up)
+                .fold(f64::INFINITY, f64::min);
+            let aggregators = shard_sizes.iter().filter(|s| **s > 0).count();
+            auto_part_len(&rule, slowest_up, aggregators)
+        }
+    };
     let spec = RoundSpec {
         modes: group.iter().map(|d| d.mode).collect(),
         weights: group
             .iter()
             .map(|d| if d.mode.sends() { d.weight } else { 0.0 })
             .collect(),
-        shard_sizes: shard_sizes(rules.len, &plan.fractions, rules.min_shard),
-        part_len: rules.part_len,
+        shard_sizes,
+        part_len,
         aggregation: Default::default(),
     };
     Ok(GroupPlan {
@@ -141,11 +168,73 @@ mod tests {
     fn rules(max_group: Option<usize>, seed: u64) -> GroupRules {
         GroupRules {
             len: 10_000,
-            part_len: 512,
+            part_len: PartLen::Fixed(512),
             min_shard: 16,
             max_group,
             seed,
         }
+    }
+
+    #[test]
+    fn auto_part_len_follows_the_slowest_sender() {
+        use crate::allreduce::partition::PartRule;
+        let mbit = [400.0, 200.0, 100.0, 100.0, 50.0, 50.0, 25.0, 25.0];
+        let mut decls: Vec<Declaration> = (0..8)
+            .map(|i| decl(i, PeerMode::Node, mbit[i as usize] * 1e6 / 8.0))
+            .collect();
+        let rule = PartRule::default();
+        let r = GroupRules {
+            len: 16 << 20,
+            part_len: PartLen::Auto(rule),
+            min_shard: 4096,
+            max_group: None,
+            seed: 0,
+        };
+        let plan = &plan_groups(&decls, r)[0];
+        let aggregators = plan.spec.shard_sizes.iter().filter(|s| **s > 0).count();
+        assert!(aggregators < 8, "the slow peers aggregate nothing");
+        assert_eq!(
+            plan.spec.part_len,
+            auto_part_len(&rule, 25e6 / 8.0, aggregators)
+        );
+        // An aux peer sends nothing: its slow upload does not shorten the parts.
+        decls.push(decl(9, PeerMode::Aux, 1e6 / 8.0));
+        let with_aux = &plan_groups(&decls, r)[0];
+        let aggregators = with_aux.spec.shard_sizes.iter().filter(|s| **s > 0).count();
+        assert_eq!(
+            with_aux.spec.part_len,
+            auto_part_len(&rule, 25e6 / 8.0, aggregators)
+        );
+        // A slow client does.
+        decls.push(decl(10, PeerMode::Client, 5e6 / 8.0));
+        let with_client = &plan_groups(&decls, r)[0];
+        assert!(with_client.spec.part_len < with_aux.spec.part_len);
+    }
+
+    #[test]
+    fn the_leader_accepts_connections() {
+        // Peers 0 and 1 (the lowest ids) are clients: peer 2 leads, the others follow in id
+        // order, and the clients still take no shard.
+        let modes = [
+            PeerMode::Client,
+            PeerMode::Client,
+            PeerMode::Node,
+            PeerMode::Aux,
+            PeerMode::Node,
+        ];
+        let decls: Vec<Declaration> = (0..5).map(|i| decl(i, modes[i as usize], 100.0)).collect();
+        let plan = &plan_groups(&decls, rules(None, 0))[0];
+        let ids: Vec<Vec<u8>> = [2, 0, 1, 3, 4]
+            .iter()
+            .map(|&i| decls[i].peer.clone())
+            .collect();
+        assert_eq!(plan.members, ids);
+        assert_eq!(plan.spec.modes[0], PeerMode::Node);
+        assert_eq!(plan.spec.shard_sizes[1], 0);
+        assert_eq!(plan.spec.shard_sizes[2], 0);
+        // Only clients: nobody can aggregate, so there is no group at all.
+        let clients: Vec<Declaration> = (0..3).map(|i| decl(i, PeerMode::Client, 100.0)).collect();
+        assert!(plan_groups(&clients, rules(None, 0)).is_empty());
     }
 
     #[test]

@@ -17,10 +17,12 @@
 //! every pair of senders of which at least one aggregates (clients cannot reach each other).
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use super::balance::PeerMode;
 use super::partition::{part_lens, shard_ranges};
 use super::reducer::{Aggregation, ReduceError, ShardReducer};
+use super::values::Values;
 
 /// The plan every member of a group agrees on.
 #[derive(Clone, Debug, PartialEq)]
@@ -63,10 +65,10 @@ pub enum Message {
     Part {
         part: usize,
         weight: f64,
-        data: Vec<f32>,
+        data: Values,
     },
     /// The average of part `part` of the sender's shard.
-    Result { part: usize, data: Vec<f32> },
+    Result { part: usize, data: Values },
     /// Part `part` of the sender's shard had no contributor with a positive weight left:
     /// every sender keeps its own values for it.
     Unchanged { part: usize },
@@ -108,10 +110,13 @@ pub struct Round {
     config: RoundConfig,
     ranges: Vec<Range<usize>>,
     parts: Vec<Vec<usize>>,
-    /// This peer's vector, overwritten part by part with averages.
+    /// The result, filled part by part: averages as they arrive, this peer's own values for
+    /// parts that come back `Unchanged` and for shards given up on. Starts as zeroed memory
+    /// the OS maps lazily, so starting a round copies nothing.
     vector: Vec<f32>,
-    /// Its values before the round (senders only), to put failed shards back.
-    original: Vec<f32>,
+    /// Its values before the round (senders only): the source of the parts it sends (shared
+    /// with the messages, not copied) and of failed shards put back.
+    original: Arc<Vec<f32>>,
     /// Statuses received, by member.
     statuses: Vec<Option<Vec<usize>>>,
     confirming: bool,
@@ -153,10 +158,11 @@ impl Round {
             .aggregates()
             .then(|| ShardReducer::with_aggregation(&parts[me], n, spec.aggregation));
         let answered = vec![false; parts[me].len()];
-        let original = if spec.modes[me].sends() {
-            vector.clone()
+        let (original, vector) = if spec.modes[me].sends() {
+            let len = vector.len();
+            (Arc::new(vector), vec![0.0; len])
         } else {
-            Vec::new()
+            (Arc::new(Vec::new()), Vec::new())
         };
         let mut round = Self {
             me,
@@ -189,12 +195,15 @@ impl Round {
         }
         if sends(&round.spec, me) {
             let weight = round.spec.weights[me];
-            for j in 0..n {
-                for k in 0..round.parts[j].len() {
-                    let data = round.part_slice(j, k).to_vec();
+            // Part k to every aggregator before part k + 1 to any, so a transport that sends
+            // in this order reaches every aggregator at once.
+            let most = round.parts.iter().map(Vec::len).max().unwrap_or(0);
+            for k in 0..most {
+                for j in (0..n).filter(|&j| k < round.parts[j].len()) {
+                    let range = round.part_range(j, k);
                     if j == me {
                         let r = round.reducer.as_mut().expect("an aggregator has a reducer");
-                        r.add(me, k, weight, &data)
+                        r.add(me, k, weight, &round.original[range])
                             .expect("own part is well-formed");
                     } else {
                         out.push(Output::Send {
@@ -202,7 +211,7 @@ impl Round {
                             message: Message::Part {
                                 part: k,
                                 weight,
-                                data,
+                                data: Values::slice(&round.original, range),
                             },
                         });
                     }
@@ -217,10 +226,6 @@ impl Round {
     fn part_range(&self, shard: usize, part: usize) -> Range<usize> {
         let start = self.ranges[shard].start + self.parts[shard][..part].iter().sum::<usize>();
         start..start + self.parts[shard][part]
-    }
-
-    fn part_slice(&self, shard: usize, part: usize) -> &[f32] {
-        &self.vector[self.part_range(shard, part)]
     }
 
     /// Handles a message from member `from`.
@@ -289,6 +294,10 @@ impl Round {
             }
             Message::Unchanged { part } => {
                 if sends(&self.spec, self.me) && part < self.parts[from].len() {
+                    if !self.got[from][part] {
+                        let range = self.part_range(from, part);
+                        self.vector[range.clone()].copy_from_slice(&self.original[range]);
+                    }
                     self.got[from][part] = true;
                 } else {
                     out.push(Output::Misbehaved {
@@ -376,6 +385,7 @@ impl Round {
         }
         for (k, mean) in done_parts {
             self.answered[k] = true;
+            let mean = mean.map(Values::from);
             for s in 0..self.spec.modes.len() {
                 if s != self.me && sends(&self.spec, s) && !self.sender_failed[s] {
                     let message = match &mean {
@@ -389,9 +399,10 @@ impl Round {
                 }
             }
             if sends(&self.spec, self.me) {
-                if let Some(m) = &mean {
-                    let range = self.part_range(self.me, k);
-                    self.vector[range].copy_from_slice(m);
+                let range = self.part_range(self.me, k);
+                match &mean {
+                    Some(m) => self.vector[range].copy_from_slice(&m[..]),
+                    None => self.vector[range.clone()].copy_from_slice(&self.original[range]),
                 }
                 self.got[self.me][k] = true;
             }
