@@ -176,6 +176,8 @@ pub struct AllreduceCase {
     pub estimated_mbit: Vec<(f64, f64)>,
     /// Each member's shard, elements, in the last round.
     pub shards: Vec<u64>,
+    /// Elements per part in the last round (the leader's choice unless `--part-floats`).
+    pub part_len: u64,
     pub makespan_s: f64,
     pub makespans_s: Vec<f64>,
     pub lower_bound_s: f64,
@@ -434,6 +436,7 @@ fn run_profile(
     let mut short_rounds = 0;
     let mut shards = Vec::new();
     let mut estimated = Vec::new();
+    let mut part_len = 0;
     let round_timeout = Duration::from_secs_f64(60.0 + 20.0 * butterfly);
     for epoch in 0..=args.rounds as u64 {
         let deadline = now_ms() + 3000;
@@ -499,6 +502,7 @@ fn run_profile(
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_u64).collect())
             .unwrap_or_default();
+        part_len = reports[0]["part_len"].as_u64().unwrap_or(0);
         let mbit = |v: &Value| v.as_f64().unwrap_or(f64::NAN) * 8.0 / 1e6;
         estimated = reports
             .iter()
@@ -525,6 +529,7 @@ fn run_profile(
         measured_mbit: measured,
         estimated_mbit: estimated,
         shards,
+        part_len,
         makespan_s: makespan,
         makespans_s: makespans,
         lower_bound_s: lower,
@@ -880,6 +885,7 @@ async fn bench_round(
         "start_ms": start_ms,
         "end_ms": end_ms,
         "shards": group.spec.shard_sizes,
+        "part_len": group.spec.part_len,
         "failed_aggregators": report.failed_aggregators,
         "failed_senders": report.failed_senders,
         "max_abs_err": max_abs_err,
