@@ -182,7 +182,11 @@ mod tests {
         let mut decls: Vec<Declaration> = (0..8)
             .map(|i| decl(i, PeerMode::Node, mbit[i as usize] * 1e6 / 8.0))
             .collect();
-        let rule = PartRule::default();
+        // A low clamp, so that the clamp does not hide what the rule does.
+        let rule = PartRule {
+            min: 1024,
+            ..PartRule::default()
+        };
         let r = GroupRules {
             len: 16 << 20,
             part_len: PartLen::Auto(rule),

@@ -105,7 +105,10 @@ impl Default for PartRule {
             fill_s: 0.2,
             window: 2,
             bytes_per_elem: 4.0,
-            min: 4 * 1024,
+            // Below ~16 Ki elements the cost per message (a stream, its negotiation, an ack)
+            // dominates: measured 8 Ki slower than 16 Ki on `hetero`, 6 Ki slower than 16 Ki
+            // on `asym`.
+            min: 16 * 1024,
             max: 64 * 1024,
         }
     }
@@ -120,9 +123,9 @@ impl Default for PartRule {
 /// for about `window · aggregators · part bytes / slowest_up`, and the same again at the end.
 /// Small parts shorten that fill; each part also costs a message and a round trip. The rule
 /// picks the length whose fill takes `fill_s`, rounded down to a multiple of 1024, clamped to
-/// `[min, max]`. On this repository's benchmark profiles (measured) it lands near the best
-/// fixed lengths: ~18 K elements on `hetero` (25 Mbit/s senders, 4 aggregators) and ~37 K on
-/// `uniform` (100 Mbit/s, 8 aggregators).
+/// `[min, max]` (16–64 Ki elements by default). On the benchmark profiles, from the probed bandwidths, it gives 17 Ki elements
+/// on `hetero` (23.5 Mbit/s slowest sender, 4 aggregators; the best fixed length measured
+/// there was 16 Ki) and 35 Ki on `uniform` (93.5 Mbit/s, 8 aggregators).
 pub fn auto_part_len(rule: &PartRule, slowest_up: f64, aggregators: usize) -> usize {
     let (min, max) = (rule.min.max(1), rule.max.max(rule.min.max(1)));
     let denom = rule.window.max(1) as f64 * aggregators.max(1) as f64 * rule.bytes_per_elem;
