@@ -155,14 +155,18 @@ impl Monitor {
         self.probe_due = false;
     }
 
-    /// Probes against `peers` (upload, then download, `each` long) if [`Self::needs_probe`].
-    pub async fn probe_if_due(&mut self, h: &NodeHandle, peers: &[PeerId], each: Duration) {
-        if peers.is_empty() || !self.needs_probe(Instant::now()) {
-            return;
-        }
+    /// Probes against `peers`: upload, then download, `each` long, 64 KiB requests.
+    pub async fn probe(&mut self, h: &NodeHandle, peers: &[PeerId], each: Duration) {
         let up = probe(h, peers, Direction::Up, each, 64 * 1024).await;
         let down = probe(h, peers, Direction::Down, each, 64 * 1024).await;
         self.after_probe(up, down, Instant::now());
+    }
+
+    /// [`Self::probe`] if [`Self::needs_probe`].
+    pub async fn probe_if_due(&mut self, h: &NodeHandle, peers: &[PeerId], each: Duration) {
+        if !peers.is_empty() && self.needs_probe(Instant::now()) {
+            self.probe(h, peers, each).await;
+        }
     }
 
     /// Folds in what a round moved: totals raise this node's estimates, per-member

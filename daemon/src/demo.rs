@@ -50,8 +50,8 @@ struct AllReduceSummary {
 }
 
 /// One butterfly all-reduce round over the demo swarm, formed through the DHT: every node
-/// declares (the last one as a client, which reduces nothing), the lowest peer id proposes and
-/// commits, shard sizes come from the load-balancing optimum for the declared bandwidths.
+/// declares (the last one as a client, which reduces nothing), the lowest-id node that is not
+/// a client proposes and commits, shard sizes come from the load-balancing optimum for the declared bandwidths.
 async fn demo_allreduce(swarm: &LocalSwarm) -> anyhow::Result<AllReduceSummary> {
     use crate::matchmaking::{MatchConfig, Matchmaker, Offer};
     use colony_trainer::allreduce::balance::PeerMode;

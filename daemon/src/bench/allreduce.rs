@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 use super::write_json;
 use crate::allreduce::{DriveConfig, Transfers, run_round_measured};
-use crate::bandwidth::{Direction, Monitor, probe};
+use crate::bandwidth::Monitor;
 use crate::clock::now_ms;
 use crate::config::{NodeConfig, Reachability};
 use crate::matchmaking::{MatchConfig, Matchmaker, Offer};
@@ -782,9 +782,7 @@ async fn peer_main(args: &PeerArgs) -> anyhow::Result<()> {
                 let dur = Duration::from_millis(cmd["ms"].as_u64().unwrap_or(2000));
                 // Probed in turn, one peer at a time, by the orchestrator's command (so the
                 // probes do not share links); rounds then refine the estimates.
-                let u = probe(&h, &others, Direction::Up, dur, 64 * 1024).await;
-                let d = probe(&h, &others, Direction::Down, dur, 64 * 1024).await;
-                bw.after_probe(u, d, Instant::now());
+                bw.probe(&h, &others, dur).await;
                 say(json!({"event": "probed", "up": bw.up.get(), "down": bw.down.get()}));
             }
             Some("round") => {
