@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 { command -v ip && command -v tc; } >/dev/null || need_apt+=(iproute2)
 command -v kill >/dev/null || need_apt+=(procps)
+# The real text corpus of the training tests (research/../data.md).
+[ -d /usr/share/games/fortunes ] || need_apt+=(fortunes)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

@@ -57,6 +57,8 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Join or start a collaborative pretraining run (ALBERT on a text corpus).
+    Train(Box<crate::train_cli::TrainArgs>),
     /// Start a small local swarm and show what it does.
     Demo(crate::demo::DemoArgs),
     /// Benchmark suites.
@@ -173,6 +175,7 @@ impl Cli {
         match (&self.log, &self.command) {
             (Some(l), _) => l.clone(),
             (None, Command::Node(_)) => "info".into(),
+            (None, Command::Train(_)) => "warn,colony_daemon::train=info".into(),
             (None, _) => "warn".into(),
         }
     }
@@ -253,6 +256,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Train(args) => crate::train_cli::run(*args).await,
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Bench {
             suite: BenchSuite::Dht(args),

@@ -490,6 +490,22 @@ impl NodeHandle {
             .map_err(|_| anyhow!("the node has stopped"))
     }
 
+    /// Serves training-state downloads for `run` with `handler` (replacing any earlier one).
+    pub async fn register_state_handler(
+        &self,
+        run: String,
+        handler: crate::swarm::actor::StateHandler,
+    ) -> anyhow::Result<()> {
+        self.tx
+            .send(Command::RegisterStateHandler { run, handler })
+            .await
+            .map_err(|_| anyhow!("the node has stopped"))
+    }
+
+    pub async fn unregister_state_handler(&self, run: String) {
+        let _ = self.tx.send(Command::UnregisterStateHandler { run }).await;
+    }
+
     pub async fn unregister_group_handler(&self, run: String) {
         let _ = self.tx.send(Command::UnregisterGroupHandler { run }).await;
     }

@@ -22,6 +22,8 @@ pub mod netlab;
 pub mod node;
 pub mod storage;
 pub mod swarm;
+pub mod train;
+pub mod train_cli;
 
 pub use config::{NodeConfig, Reachability};
 pub use handle::NodeHandle;

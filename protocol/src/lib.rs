@@ -20,6 +20,7 @@ pub mod envelope;
 pub mod identity;
 pub mod names;
 pub mod rpc;
+pub mod train;
 
 pub use codec::{CodecError, decode, encode};
 pub use dht::{DhtEntry, DhtKey, RecordError, Subkey};

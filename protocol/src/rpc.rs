@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::allreduce::{GroupRequest, GroupResponse};
 use crate::dht::{DhtEntry, DhtKey};
 use crate::names::MAX_RPC_BYTES;
+use crate::train::{StateRequest, StateResponse};
 use crate::{CodecError, decode, encode};
 
 /// A request from one peer to another.
@@ -29,6 +30,8 @@ pub enum Request {
     },
     /// All-reduce matchmaking (proposals and commits of a group's leader).
     Group(GroupRequest),
+    /// Training-state download (a joiner fetching parameters and optimizer state).
+    State(StateRequest),
 }
 
 /// The answer to a [`Request`].
@@ -51,6 +54,7 @@ pub enum Response {
         payload: Vec<u8>,
     },
     Group(GroupResponse),
+    State(StateResponse),
     Error(RpcError),
 }
 
@@ -113,6 +117,7 @@ impl Request {
             Request::DhtFind { .. } => "dht_find",
             Request::Probe { .. } => "probe",
             Request::Group(_) => "group",
+            Request::State(_) => "state",
         }
     }
 }

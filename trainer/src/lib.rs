@@ -1,6 +1,13 @@
-//! Collaborative training (DeDLOC): the bandwidth-aware all-reduce, and (to come) models, data
-//! pipelines, optimizers and the collaborative step, behind an injected transport.
+//! Collaborative training (DeDLOC): models (ALBERT), data pipelines, optimizers on flat
+//! parameter vectors, the collaborative step logic, and the bandwidth-aware all-reduce.
 //!
 //! This crate holds no sockets and no tokio: the daemon provides the transport.
 
 pub mod allreduce;
+pub mod backend;
+pub mod collab;
+pub mod data;
+pub mod models;
+pub mod optim;
+pub mod params;
+pub use burn;

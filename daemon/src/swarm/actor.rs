@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use colony_protocol::allreduce::{GroupRequest, GroupResponse, PartAck, PartMessage, RoundId};
 use colony_protocol::names::{MAX_ENTRIES_PER_STORE, MAX_PROBE_BYTES};
 use colony_protocol::rpc::RpcErrorCode;
+use colony_protocol::train::{StateRequest, StateResponse};
 use colony_protocol::{DhtEntry, DhtKey, NodeInfo, Request, Response, StoreOutcome};
 use futures::StreamExt;
 use libp2p::core::transport::ListenerId;
@@ -157,6 +158,14 @@ pub enum Command {
     UnregisterGroupHandler {
         run: String,
     },
+    /// Serves training-state downloads for `run` with `handler` until unregistered.
+    RegisterStateHandler {
+        run: String,
+        handler: StateHandler,
+    },
+    UnregisterStateHandler {
+        run: String,
+    },
     Subscribe {
         topic: String,
         reply: oneshot::Sender<Result<(), String>>,
@@ -175,6 +184,17 @@ pub struct GroupHandler(pub Arc<dyn Fn(PeerId, GroupRequest) -> GroupResponse + 
 impl std::fmt::Debug for GroupHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("GroupHandler")
+    }
+}
+
+/// Answers one state-download request (synchronously, inside the actor: it must not block;
+/// a chunk is a copy of at most [`colony_protocol::train::MAX_STATE_CHUNK`] bytes).
+#[derive(Clone)]
+pub struct StateHandler(pub Arc<dyn Fn(PeerId, StateRequest) -> StateResponse + Send + Sync>);
+
+impl std::fmt::Debug for StateHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateHandler")
     }
 }
 
@@ -201,6 +221,7 @@ pub struct SwarmActor {
     peers: HashMap<PeerId, PeerState>,
     rounds: HashMap<RoundId, mpsc::Sender<(PeerId, PartMessage)>>,
     group_handlers: HashMap<String, GroupHandler>,
+    state_handlers: HashMap<String, StateHandler>,
     pending_parts:
         HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<PartAck, RpcFailure>>>,
     data_dir: DataDir,
@@ -247,6 +268,7 @@ impl SwarmActor {
             peers: HashMap::new(),
             rounds: HashMap::new(),
             group_handlers: HashMap::new(),
+            state_handlers: HashMap::new(),
             pending_parts: HashMap::new(),
             data_dir,
             services,
@@ -411,6 +433,12 @@ impl SwarmActor {
             Command::RegisterGroupHandler { run, handler } => {
                 self.group_handlers.insert(run, handler);
             }
+            Command::RegisterStateHandler { run, handler } => {
+                self.state_handlers.insert(run, handler);
+            }
+            Command::UnregisterStateHandler { run } => {
+                self.state_handlers.remove(&run);
+            }
             Command::UnregisterGroupHandler { run } => {
                 self.group_handlers.remove(&run);
             }
@@ -549,6 +577,15 @@ impl SwarmActor {
                 Response::Group(match self.group_handlers.get(run) {
                     Some(h) => (h.0)(peer, g),
                     None => GroupResponse::Decline(format!("not matchmaking for run {run:?}")),
+                })
+            }
+            Request::State(r) => {
+                let run = match &r {
+                    StateRequest::Describe { run } | StateRequest::Chunk { run, .. } => run,
+                };
+                Response::State(match self.state_handlers.get(run) {
+                    Some(h) => (h.0)(peer, r),
+                    None => StateResponse::Unavailable(format!("not training run {run:?}")),
                 })
             }
         }

@@ -10,3 +10,4 @@ mod misbehaviour;
 mod netns_allreduce;
 mod netns_relay;
 mod processes;
+mod train;

@@ -1,0 +1,777 @@
+//! The collaborative-training service: DeDLOC's step on top of the DHT, matchmaking and the
+//! all-reduce (see ARCHITECTURE.md, "Collaborative training").
+//!
+//! Per peer: accumulate micro-batches and publish progress (`run_progress(run)`, owned subkey,
+//! 60 s TTL); when the swarm's samples reach the target batch, the first peer to see it
+//! proposes a start time, everyone at that epoch joins matchmaking for it, the group averages
+//! the local mean gradients weighted by samples, and every member takes the same optimizer
+//! step. A peer behind the swarm downloads the state (parameters + optimizer state) in chunks
+//! from several peers at once.
+//!
+//! Consistency rules (what keeps every peer on the same parameters):
+//! - a shard whose aggregator failed is applied as a zero gradient (the verdict is shared by
+//!   every member, so every member zeroes the same shards);
+//! - a peer whose round failed, or that was left out of the group while others exist, does not
+//!   step: it is behind afterwards and downloads the state (its samples are lost, nothing is
+//!   applied twice);
+//! - a peer alone at its epoch steps on its own gradient.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use colony_protocol::dht::Subkey;
+use colony_protocol::names::MAX_VALUE_BYTES;
+use colony_protocol::train::{MAX_STATE_CHUNK, StateRequest, StateResponse, TrainProgress};
+use colony_protocol::{DhtKey, Request, Response};
+use colony_trainer::allreduce::balance::PeerMode;
+use colony_trainer::collab::{Decision, GlobalView, PeerProgress, TrainState, Trainer, decide};
+use libp2p::PeerId;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::allreduce::{DriveConfig, run_round};
+use crate::clock::now_ms;
+use crate::handle::{NodeHandle, peer_id_of};
+use crate::matchmaking::{MatchConfig, Matchmaker, Offer};
+use crate::swarm::actor::StateHandler;
+
+/// How a peer takes part in a run.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub run: String,
+    /// Samples the swarm accumulates per global step.
+    pub target_batch: u64,
+    /// How long after the target is reached matchmaking reads the declarations.
+    pub window: Duration,
+    /// Progress is re-read (and re-published) at least this often.
+    pub refresh: Duration,
+    /// A peer that sees nobody else steps alone only after looking this long.
+    pub discovery: Duration,
+    /// Stop once the local global step reaches this.
+    pub max_steps: Option<u64>,
+    /// Accepts no inbound connections (takes no shard, serves no state).
+    pub client: bool,
+    /// Write a checkpoint here after every `checkpoint_every` steps (atomic), and resume from
+    /// it at start.
+    pub checkpoint: Option<PathBuf>,
+    pub checkpoint_every: u64,
+    /// Largest state snapshot accepted from peers.
+    pub max_state_bytes: usize,
+    /// Declared bandwidth (bytes/s) for the all-reduce's shard sizes.
+    pub bandwidth: f64,
+    pub matching: MatchConfig,
+    pub drive: DriveConfig,
+}
+
+impl TrainConfig {
+    pub fn new(run: &str, target_batch: u64) -> Self {
+        Self {
+            run: run.to_string(),
+            target_batch,
+            window: Duration::from_millis(1500),
+            refresh: Duration::from_millis(500),
+            discovery: Duration::from_secs(5),
+            max_steps: None,
+            client: false,
+            checkpoint: None,
+            checkpoint_every: 1,
+            max_state_bytes: 4 << 30,
+            bandwidth: 12.5e6,
+            matching: MatchConfig::default(),
+            drive: DriveConfig::default(),
+        }
+    }
+}
+
+/// Where the data comes from: micro-batch `index` of global step `epoch` for this peer.
+pub type BatchSource<Batch> = Arc<dyn Fn(u64, u64) -> Batch + Send + Sync>;
+
+/// What happened at one global step, as this peer saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepEvent {
+    /// Averaged with `peers` members (this one included) over `samples` samples.
+    Averaged {
+        epoch: u64,
+        peers: usize,
+        samples: f64,
+        lr: f32,
+        /// Shards applied as zero because their aggregator failed.
+        zeroed_shards: usize,
+        loss: f32,
+        seconds: f64,
+    },
+    /// Stepped alone (no other peer at this epoch).
+    Alone { epoch: u64, lr: f32, loss: f32 },
+    /// Downloaded the state of `epoch` from `donors` peers.
+    Downloaded {
+        epoch: u64,
+        donors: usize,
+        bytes: usize,
+    },
+    /// Did not step (round failed or left out); will catch up by download.
+    Skipped { epoch: u64, why: String },
+}
+
+/// Outcome of a training session.
+#[derive(Debug, Clone, Default)]
+pub struct TrainSummary {
+    pub events: Vec<StepEvent>,
+    pub final_epoch: u64,
+    pub samples: u64,
+    pub micro_batches: u64,
+}
+
+/// Snapshots this peer serves (the current one and the one before, so a download that
+/// started just before a step can finish).
+#[derive(Default)]
+struct Served {
+    current: Option<ServedState>,
+    previous: Option<ServedState>,
+}
+
+#[derive(Clone)]
+struct ServedState {
+    epoch: u64,
+    digest: [u8; 32],
+    bytes: Arc<Vec<u8>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn serve(served: &Arc<Mutex<Served>>, req: StateRequest) -> StateResponse {
+    let s = lock(served);
+    match req {
+        StateRequest::Describe { .. } => match &s.current {
+            Some(c) => StateResponse::Described {
+                epoch: c.epoch,
+                size: c.bytes.len() as u64,
+                digest: c.digest,
+            },
+            None => StateResponse::Unavailable("no state yet".into()),
+        },
+        StateRequest::Chunk {
+            digest,
+            offset,
+            len,
+            ..
+        } => {
+            let Some(st) = [&s.current, &s.previous]
+                .into_iter()
+                .flatten()
+                .find(|c| c.digest == digest)
+            else {
+                return StateResponse::Unavailable("that snapshot is no longer served".into());
+            };
+            if len > MAX_STATE_CHUNK {
+                return StateResponse::Unavailable(format!(
+                    "chunks are at most {MAX_STATE_CHUNK} bytes"
+                ));
+            }
+            let size = st.bytes.len() as u64;
+            if offset >= size {
+                return StateResponse::Unavailable(format!("offset {offset} beyond {size} bytes"));
+            }
+            let end = (offset + u64::from(len)).min(size);
+            StateResponse::Chunk {
+                bytes: st.bytes[offset as usize..end as usize].to_vec(),
+            }
+        }
+    }
+}
+
+/// Runs the collaborative optimizer for `trainer` until `max_steps` or `stop`.
+pub async fn train<Batch: Send + 'static>(
+    h: &NodeHandle,
+    mut trainer: Box<dyn Trainer<Batch = Batch>>,
+    batches: BatchSource<Batch>,
+    cfg: &TrainConfig,
+    stop: CancellationToken,
+) -> anyhow::Result<(Box<dyn Trainer<Batch = Batch>>, TrainSummary)> {
+    let run = cfg.run.as_str();
+    let key = DhtKey::run_progress(run)?;
+    let fingerprint = trainer.fingerprint();
+    let me = h.peer_id();
+
+    if let Some(path) = &cfg.checkpoint {
+        match load_checkpoint(path, cfg.max_state_bytes) {
+            Ok(Some(state)) => {
+                let epoch = state.epoch();
+                trainer.restore(state).with_context(|| {
+                    format!("checkpoint {} does not fit the model", path.display())
+                })?;
+                tracing::info!(run, epoch, path = %path.display(), "resumed from checkpoint");
+            }
+            Ok(None) => {}
+            // A corrupt checkpoint is not fatal: the swarm has the state.
+            Err(e) => tracing::warn!(run, path = %path.display(), "ignoring checkpoint: {e:#}"),
+        }
+    }
+
+    let served_owned = Arc::new(Mutex::new(Served::default()));
+    let served = &served_owned;
+    if !cfg.client {
+        let s = served.clone();
+        h.register_state_handler(
+            run.to_string(),
+            StateHandler(Arc::new(move |_peer, req| serve(&s, req))),
+        )
+        .await?;
+        publish_state(served, trainer.as_ref());
+    }
+    let mm_owned = Matchmaker::new(h.clone(), run).await?;
+    let mm = &mm_owned;
+
+    let mut summary_owned = TrainSummary::default();
+    let summary = &mut summary_owned;
+    let mut sps = 0.0f64;
+    let mut loss_sum = 0.0f64;
+    let mut loss_n = 0u64;
+    let mut micro = 0u64;
+    let mut ready_at: Option<u64> = None;
+    let mut last_publish: Option<Instant> = None;
+    let mut last_read: Option<Instant> = None;
+    let mut decision = Decision::Accumulate;
+    let mut records: Vec<PeerProgress> = Vec::new();
+    // Attempts that failed at an epoch: matchmaking is not retried for that epoch until the
+    // swarm moves on or a fresh start time is proposed.
+    let mut failed_start: Option<(u64, u64)> = None;
+    let started = Instant::now();
+
+    let result: anyhow::Result<Box<dyn Trainer<Batch = Batch>>> = async move {
+        loop {
+            if stop.is_cancelled() || cfg.max_steps.is_some_and(|m| trainer.epoch() >= m) {
+                return Ok(trainer);
+            }
+            let epoch = trainer.epoch();
+            let progress =
+                |samples: u64, sps: f64, ready_at: Option<u64>, loss: Option<f32>| TrainProgress {
+                    fingerprint,
+                    epoch,
+                    samples,
+                    samples_per_sec: sps,
+                    time_ms: now_ms(),
+                    client: cfg.client,
+                    ready_at_ms: ready_at,
+                    serves_state: !cfg.client,
+                    loss,
+                };
+            let mean_loss = (loss_n > 0).then(|| (loss_sum / loss_n as f64) as f32);
+            if last_publish.is_none_or(|t| t.elapsed() >= cfg.refresh) {
+                put_progress(
+                    h,
+                    &key,
+                    &progress(trainer.samples(), sps, ready_at, mean_loss),
+                )
+                .await;
+                last_publish = Some(Instant::now());
+            }
+            if last_read.is_none_or(|t| t.elapsed() >= cfg.refresh) {
+                records = read_progress(h, &key, &fingerprint).await;
+                last_read = Some(Instant::now());
+                let now = now_ms();
+                let stale = (cfg.window + cfg.matching.commit_wait).as_millis() as u64;
+                let mut view_records = records.clone();
+                for r in &mut view_records {
+                    if r.ready_at_ms.is_some_and(|t| t + stale < now)
+                        || failed_start
+                            .is_some_and(|(e, t)| e == r.epoch && r.ready_at_ms == Some(t))
+                    {
+                        r.ready_at_ms = None;
+                    }
+                }
+                // Our own record may lag: count our samples as they are now.
+                view_records.retain(|r| r.peer != me.to_bytes());
+                view_records.push(PeerProgress {
+                    peer: me.to_bytes(),
+                    epoch,
+                    samples: trainer.samples(),
+                    samples_per_sec: sps,
+                    time_ms: now,
+                    client: cfg.client,
+                    ready_at_ms: ready_at,
+                });
+                let view = GlobalView::of(&view_records, now);
+                decision = decide(
+                    epoch,
+                    view.as_ref(),
+                    cfg.target_batch,
+                    now,
+                    cfg.window.as_millis() as u64,
+                );
+            }
+
+            match decision {
+                Decision::Accumulate => {
+                    let t0 = Instant::now();
+                    let before = trainer.samples();
+                    let batch = (batches)(epoch, micro);
+                    let t_batch = t0.elapsed();
+                    let (t, r) = tokio::task::spawn_blocking(move || {
+                        let t1 = Instant::now();
+                        let r = trainer.accumulate(&batch);
+                        tracing::debug!(
+                            compute_ms = t1.elapsed().as_millis() as u64,
+                            "micro-batch"
+                        );
+                        (trainer, r)
+                    })
+                    .await
+                    .map_err(|e| anyhow!("training task panicked: {e}"))?;
+                    trainer = t;
+                    tracing::debug!(
+                        batch_ms = t_batch.as_millis() as u64,
+                        total_ms = t0.elapsed().as_millis() as u64,
+                        "micro-batch done"
+                    );
+                    micro += 1;
+                    summary.micro_batches += 1;
+                    summary.samples += trainer.samples().saturating_sub(before);
+                    match r {
+                        Ok(loss) => {
+                            loss_sum += f64::from(loss);
+                            loss_n += 1;
+                            let n = trainer.samples().saturating_sub(before) as f64;
+                            let inst = n / t0.elapsed().as_secs_f64().max(1e-6);
+                            sps = if sps == 0.0 {
+                                inst
+                            } else {
+                                0.9 * sps + 0.1 * inst
+                            };
+                        }
+                        Err(e) => tracing::warn!(run, epoch, "micro-batch skipped: {e}"),
+                    }
+                }
+                Decision::Behind { epoch: target } => {
+                    match download_state(h, run, &records, target, cfg.max_state_bytes).await {
+                        Ok((state, donors, bytes)) => {
+                            let got = state.epoch();
+                            trainer.restore(state)?;
+                            tracing::info!(
+                                run,
+                                from = epoch,
+                                to = got,
+                                donors,
+                                bytes,
+                                "caught up by state download"
+                            );
+                            summary.events.push(StepEvent::Downloaded {
+                                epoch: got,
+                                donors,
+                                bytes,
+                            });
+                            publish_state(served, trainer.as_ref());
+                            ready_at = None;
+                            loss_sum = 0.0;
+                            loss_n = 0;
+                            last_publish = None;
+                            last_read = None;
+                        }
+                        Err(e) => {
+                            tracing::warn!(run, epoch, target, "state download failed: {e:#}");
+                            tokio::time::sleep(cfg.refresh).await;
+                            last_read = None;
+                        }
+                    }
+                }
+                Decision::Average { start_ms, propose } => {
+                    let others_here = records
+                        .iter()
+                        .filter(|r| r.peer != me.to_bytes() && r.epoch == epoch)
+                        .count();
+                    if others_here == 0 && started.elapsed() < cfg.discovery {
+                        // Seeing nobody may only mean the DHT has not shown them yet: do not
+                        // start a run of our own before looking for a while.
+                        decision = Decision::Accumulate;
+                        continue;
+                    }
+                    if propose {
+                        ready_at = Some(start_ms);
+                        put_progress(
+                            h,
+                            &key,
+                            &progress(trainer.samples(), sps, ready_at, mean_loss),
+                        )
+                        .await;
+                    }
+                    let t0 = Instant::now();
+                    let wait = Duration::from_millis(start_ms.saturating_sub(now_ms()));
+                    let deadline = tokio::time::Instant::now() + wait;
+                    let samples = trainer.samples();
+                    let grad = trainer.mean_gradient();
+                    let len = grad.len();
+                    let offer = Offer {
+                        mode: if cfg.client {
+                            PeerMode::Client
+                        } else {
+                            PeerMode::Node
+                        },
+                        weight: samples as f64,
+                        up: cfg.bandwidth,
+                        down: cfg.bandwidth,
+                    };
+                    let loss = mean_loss.unwrap_or(f32::NAN);
+                    // Alone at this epoch (as far as the DHT shows): no matchmaking to wait for.
+                    let group = if others_here == 0 && !cfg.client {
+                        Ok(None)
+                    } else {
+                        mm.form_group(epoch, len, offer, deadline, &cfg.matching)
+                            .await
+                    };
+                    let outcome: Result<StepEvent, String> = match group {
+                        Ok(Some(group)) => {
+                            let peers = group.members.len();
+                            let total: f64 = group.spec.weights.iter().sum();
+                            let shard_sizes = group.spec.shard_sizes.clone();
+                            match run_round(h, &group, grad, cfg.drive).await {
+                                Ok(report) => match report.result {
+                                    Some(mut avg) => {
+                                        let zeroed = report.failed_aggregators.len();
+                                        zero_shards(
+                                            &mut avg,
+                                            &shard_sizes,
+                                            &report.failed_aggregators,
+                                        );
+                                        let lr = trainer.apply(&avg)?;
+                                        Ok(StepEvent::Averaged {
+                                            epoch,
+                                            peers,
+                                            samples: total,
+                                            lr,
+                                            zeroed_shards: zeroed,
+                                            loss,
+                                            seconds: t0.elapsed().as_secs_f64(),
+                                        })
+                                    }
+                                    None => Err("the round gave no result".into()),
+                                },
+                                Err(e) => Err(format!("all-reduce failed: {e:#}")),
+                            }
+                        }
+                        Ok(None) if others_here == 0 && !cfg.client => {
+                            let lr = trainer.apply(&trainer.mean_gradient())?;
+                            Ok(StepEvent::Alone { epoch, lr, loss })
+                        }
+                        Ok(None) => Err("left out of the group".into()),
+                        Err(e) => Err(format!("matchmaking failed: {e:#}")),
+                    };
+                    match outcome {
+                        Ok(ev) => {
+                            tracing::info!(run, ?ev, "global step");
+                            summary.events.push(ev);
+                            ready_at = None;
+                            failed_start = None;
+                            loss_sum = 0.0;
+                            loss_n = 0;
+                            micro = 0;
+                            publish_state(served, trainer.as_ref());
+                            if let Some(path) = &cfg.checkpoint
+                                && trainer.epoch().is_multiple_of(cfg.checkpoint_every.max(1))
+                            {
+                                save_checkpoint(path, &trainer.state())?;
+                            }
+                        }
+                        Err(why) => {
+                            tracing::warn!(run, epoch, "no step: {why}");
+                            summary.events.push(StepEvent::Skipped { epoch, why });
+                            failed_start = Some((epoch, start_ms));
+                            ready_at = None;
+                            // Give the swarm time to publish its next epoch before retrying.
+                            tokio::time::sleep(cfg.refresh).await;
+                        }
+                    }
+                    last_publish = None;
+                    last_read = None;
+                    decision = Decision::Accumulate;
+                }
+            }
+        }
+    }
+    .await;
+
+    mm_owned.close().await;
+    if !cfg.client {
+        h.unregister_state_handler(run.to_string()).await;
+    }
+    let trainer = result?;
+    if let Some(path) = &cfg.checkpoint {
+        save_checkpoint(path, &trainer.state())?;
+    }
+    summary_owned.final_epoch = trainer.epoch();
+    Ok((trainer, summary_owned))
+}
+
+/// Zeroes the shards of failed aggregators (every member zeroes the same ones).
+fn zero_shards(v: &mut [f32], shard_sizes: &[usize], failed: &[usize]) {
+    let mut start = 0;
+    for (i, &n) in shard_sizes.iter().enumerate() {
+        if failed.contains(&i) {
+            v[start..start + n].iter_mut().for_each(|x| *x = 0.0);
+        }
+        start += n;
+    }
+}
+
+fn publish_state<Batch>(served: &Arc<Mutex<Served>>, t: &dyn Trainer<Batch = Batch>) {
+    let bytes = t.state().encode();
+    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+    let mut s = lock(served);
+    let fresh = ServedState {
+        epoch: t.epoch(),
+        digest,
+        bytes: Arc::new(bytes),
+    };
+    if s.current.as_ref().is_some_and(|c| c.digest == digest) {
+        return;
+    }
+    s.previous = s.current.replace(fresh);
+}
+
+async fn put_progress(h: &NodeHandle, key: &DhtKey, p: &TrainProgress) {
+    let value = match colony_protocol::encode(p, MAX_VALUE_BYTES) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!("cannot encode progress: {e}");
+            return;
+        }
+    };
+    if let Err(e) = h
+        .dht_put_owned(key.clone(), value, Duration::from_secs(60))
+        .await
+    {
+        tracing::debug!("cannot publish progress: {e:#}");
+    }
+}
+
+/// Progress records of peers training the same model (fingerprint), newest per peer.
+pub async fn read_progress(
+    h: &NodeHandle,
+    key: &DhtKey,
+    fingerprint: &[u8; 32],
+) -> Vec<PeerProgress> {
+    let got = match h.dht_get(key).await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::debug!("cannot read progress: {e:#}");
+            return Vec::new();
+        }
+    };
+    got.entries
+        .iter()
+        .filter_map(|e| {
+            let Subkey::Owner(pk) = &e.subkey else {
+                return None;
+            };
+            let peer = peer_id_of(pk).ok()?;
+            let p: TrainProgress = colony_protocol::decode(&e.value, MAX_VALUE_BYTES).ok()?;
+            (p.fingerprint == *fingerprint
+                && p.samples_per_sec.is_finite()
+                && p.samples_per_sec >= 0.0)
+                .then(|| PeerProgress {
+                    peer: peer.to_bytes(),
+                    epoch: p.epoch,
+                    samples: p.samples,
+                    samples_per_sec: p.samples_per_sec,
+                    time_ms: p.time_ms,
+                    client: p.client,
+                    ready_at_ms: p.ready_at_ms,
+                })
+        })
+        .collect()
+}
+
+/// Downloads the newest state at `epoch` or later from several peers in parallel.
+/// Returns the state, the number of donors that served chunks, and its size.
+async fn download_state(
+    h: &NodeHandle,
+    run: &str,
+    records: &[PeerProgress],
+    epoch: u64,
+    max_bytes: usize,
+) -> anyhow::Result<(TrainState, usize, usize)> {
+    let me = h.peer_id().to_bytes();
+    let candidates: Vec<PeerId> = records
+        .iter()
+        .filter(|r| r.epoch >= epoch && !r.client && r.peer != me)
+        .filter_map(|r| PeerId::from_bytes(&r.peer).ok())
+        .take(8)
+        .collect();
+    if candidates.is_empty() {
+        bail!("no peer at epoch {epoch} serves its state");
+    }
+    let describe = Request::State(StateRequest::Describe {
+        run: run.to_string(),
+    });
+    let answers = futures::future::join_all(candidates.iter().map(|&p| {
+        let req = describe.clone();
+        async move { (p, h.rpc_anywhere(p, req).await) }
+    }))
+    .await;
+    // Group the donors by the snapshot they serve; take the newest epoch, then the most donors.
+    let mut offers: HashMap<(u64, [u8; 32], u64), Vec<PeerId>> = HashMap::new();
+    for (p, a) in answers {
+        match a {
+            Ok(Response::State(StateResponse::Described {
+                epoch: e,
+                size,
+                digest,
+            })) if e >= epoch => {
+                offers.entry((e, digest, size)).or_default().push(p);
+            }
+            Ok(other) => tracing::debug!(peer = %p, ?other, "no usable state offer"),
+            Err(e) => tracing::debug!(peer = %p, "state describe failed: {e:#}"),
+        }
+    }
+    let ((got_epoch, digest, size), donors) = offers
+        .into_iter()
+        .max_by_key(|((e, _, _), d)| (*e, d.len()))
+        .context("no peer described a state at that epoch")?;
+    if size as usize > max_bytes {
+        bail!("the state is {size} bytes, over the {max_bytes}-byte limit");
+    }
+    let chunk =
+        u64::from(MAX_STATE_CHUNK).min(size.div_ceil(2 * donors.len() as u64).max(64 * 1024));
+    let n_chunks = size.div_ceil(chunk);
+    let mut buf = vec![0u8; size as usize];
+    let used = Mutex::new(std::collections::HashSet::new());
+    // Each chunk starts at donor (i mod n) and moves to the next donor when one fails.
+    let fetches = (0..n_chunks).map(|i| {
+        let donors = &donors;
+        let used = &used;
+        async move {
+            let offset = i * chunk;
+            let len = chunk.min(size - offset) as u32;
+            let mut last_err = String::new();
+            for k in 0..donors.len() {
+                let p = donors[(i as usize + k) % donors.len()];
+                let req = Request::State(StateRequest::Chunk {
+                    run: run.to_string(),
+                    digest,
+                    offset,
+                    len,
+                });
+                match h.rpc_anywhere(p, req).await {
+                    Ok(Response::State(StateResponse::Chunk { bytes }))
+                        if bytes.len() == len as usize =>
+                    {
+                        lock(used).insert(p);
+                        return Ok((offset, bytes));
+                    }
+                    Ok(other) => last_err = format!("{p}: {other:?}"),
+                    Err(e) => last_err = format!("{p}: {e:#}"),
+                }
+            }
+            Err(anyhow!(
+                "chunk at {offset}: every donor failed (last: {last_err})"
+            ))
+        }
+    });
+    // Bounded parallelism: two chunks in flight per donor.
+    use futures::StreamExt;
+    let mut stream = futures::stream::iter(fetches).buffer_unordered(2 * donors.len());
+    while let Some(r) = stream.next().await {
+        let (offset, bytes) = r?;
+        buf[offset as usize..offset as usize + bytes.len()].copy_from_slice(&bytes);
+    }
+    drop(stream);
+    let got: [u8; 32] = Sha256::digest(&buf).into();
+    if got != digest {
+        bail!("downloaded state does not match its digest");
+    }
+    let state = TrainState::decode(&buf, max_bytes)?;
+    if state.epoch() != got_epoch {
+        bail!(
+            "donors described epoch {got_epoch} but the state is at {}",
+            state.epoch()
+        );
+    }
+    let n = lock(&used).len();
+    Ok((state, n, buf.len()))
+}
+
+/// Writes a checkpoint atomically (temp file, fsync, rename).
+pub fn save_checkpoint(path: &std::path::Path, s: &TrainState) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    crate::storage::write_atomic(path, &s.encode(), 0o644)
+}
+
+/// Reads a checkpoint; `None` when there is none.
+pub fn load_checkpoint(
+    path: &std::path::Path,
+    max_bytes: usize,
+) -> anyhow::Result<Option<TrainState>> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(TrainState::decode(&b, max_bytes).with_context(
+            || format!("checkpoint {} is unreadable", path.display()),
+        )?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_shards_become_zero() {
+        let mut v = vec![1.0f32; 10];
+        zero_shards(&mut v, &[3, 4, 3], &[1]);
+        assert_eq!(v, [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn serving_checks_digest_offset_and_length() {
+        let served = Arc::new(Mutex::new(Served::default()));
+        let bytes: Vec<u8> = (0..100u8).collect();
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        lock(&served).current = Some(ServedState {
+            epoch: 3,
+            digest,
+            bytes: Arc::new(bytes),
+        });
+        let chunk = |d, offset, len| {
+            serve(
+                &served,
+                StateRequest::Chunk {
+                    run: "r".into(),
+                    digest: d,
+                    offset,
+                    len,
+                },
+            )
+        };
+        assert_eq!(
+            chunk(digest, 90, 50),
+            StateResponse::Chunk {
+                bytes: (90..100u8).collect()
+            }
+        );
+        assert!(matches!(
+            chunk([0; 32], 0, 10),
+            StateResponse::Unavailable(_)
+        ));
+        assert!(matches!(
+            chunk(digest, 100, 10),
+            StateResponse::Unavailable(_)
+        ));
+        assert!(matches!(
+            chunk(digest, 0, MAX_STATE_CHUNK + 1),
+            StateResponse::Unavailable(_)
+        ));
+        assert!(matches!(
+            serve(&served, StateRequest::Describe { run: "r".into() }),
+            StateResponse::Described {
+                epoch: 3,
+                size: 100,
+                ..
+            }
+        ));
+    }
+}

@@ -1,0 +1,295 @@
+//! Collaborative ALBERT pretraining over real in-process nodes (DHT progress, matchmaking,
+//! all-reduce, state download) on the real `fortunes` corpus.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use colony_daemon::local::{LocalSwarm, LocalSwarmConfig};
+use colony_daemon::node::Node;
+use colony_daemon::train::{StepEvent, TrainConfig, TrainSummary, train};
+use colony_daemon::train_cli::AlbertJob;
+use colony_trainer::collab::AlbertCpuTrainer;
+use colony_trainer::data::mlm::{Sampler, TokenizedCorpus};
+use colony_trainer::data::text::Corpus;
+use tokio_util::sync::CancellationToken;
+
+const FORTUNES: &str = "/usr/share/games/fortunes";
+
+/// The real corpus (Debian `fortunes`, installed by scripts/test.sh) and one tokenizer for
+/// the whole run.
+fn job(dir: &Path) -> AlbertJob {
+    let root = Path::new(FORTUNES);
+    assert!(
+        root.exists(),
+        "{FORTUNES} is missing: install the Debian package `fortunes` (scripts/test.sh does)"
+    );
+    let corpus = Corpus::read(root).unwrap();
+    let tokenizer = AlbertJob::tokenizer_for(&corpus, &dir.join("tokenizer.json"), 2000).unwrap();
+    AlbertJob {
+        size: "tiny".into(),
+        corpus,
+        tokenizer,
+        micro_batch: 8,
+        seq: 32,
+        lr: 0.05,
+        warmup: 2,
+        total_steps: 1000,
+        seed: 5,
+    }
+}
+
+async fn swarm(n: usize, dir: &Path) -> LocalSwarm {
+    colony_tests::init_tracing();
+    let s = LocalSwarm::start(
+        dir,
+        LocalSwarmConfig {
+            nodes: n,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    s.wait_for_routing(n.min(4) - 1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    s
+}
+
+fn config(steps: u64, checkpoint: Option<PathBuf>) -> TrainConfig {
+    let mut c = TrainConfig::new("fortunes", 48);
+    c.window = Duration::from_millis(700);
+    c.refresh = Duration::from_millis(250);
+    c.discovery = Duration::from_secs(3);
+    c.max_steps = Some(steps);
+    c.checkpoint = checkpoint;
+    c
+}
+
+fn spawn_peer(
+    node: &Node,
+    job: &AlbertJob,
+    cfg: TrainConfig,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<anyhow::Result<(AlbertCpuTrainer, TrainSummary)>> {
+    let h = node.handle.clone();
+    let (trainer, source) = job.setup(&node.peer_id().to_bytes()).unwrap();
+    tokio::spawn(async move { train(&h, trainer, source, &cfg, stop).await })
+}
+
+/// Mean loss of `trainer`'s current parameters on fixed held-out batches (no step taken).
+fn held_out_loss(job: &AlbertJob, trainer: &mut AlbertCpuTrainer) -> f32 {
+    let tc = TokenizedCorpus::new(&job.corpus, &job.tokenizer).unwrap();
+    let s = Sampler {
+        run_seed: 99,
+        peer: b"held-out".to_vec(),
+    };
+    let mut sum = 0.0;
+    for i in 0..4 {
+        sum += trainer
+            .accumulate(&s.batch(&tc, 0, i, 16, job.seq))
+            .unwrap();
+    }
+    trainer.reset_accumulator();
+    sum / 4.0
+}
+
+fn averaged(events: &[StepEvent]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, StepEvent::Averaged { .. }))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_peers_train_albert_tiny_on_fortunes_and_stay_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let swarm = swarm(3, dir.path()).await;
+    let (mut fresh, _) = job.setup(b"probe").unwrap();
+    let before = held_out_loss(&job, &mut fresh);
+
+    let stop = CancellationToken::new();
+    let runs: Vec<_> = swarm
+        .nodes
+        .iter()
+        .map(|n| spawn_peer(n, &job, config(10, None), stop.clone()))
+        .collect();
+    let mut results = Vec::new();
+    for r in runs {
+        results.push(
+            tokio::time::timeout(Duration::from_secs(300), r)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    for (t, s) in &results {
+        assert_eq!(t.epoch(), 10, "{:?}", s.events);
+        assert_eq!(
+            t.params(),
+            results[0].0.params(),
+            "peers ended on different parameters"
+        );
+        assert!(
+            averaged(&s.events) >= 8,
+            "too few averaged steps: {:?}",
+            s.events
+        );
+    }
+    let (mut t0, s0) = results.remove(0);
+    let after = held_out_loss(&job, &mut t0);
+    eprintln!(
+        "held-out loss {before:.3} -> {after:.3}; events {:?}",
+        s0.events
+    );
+    assert!(
+        after < before - 0.5,
+        "loss did not go down: {before} -> {after}"
+    );
+    swarm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_joiner_downloads_the_state_and_matches_after_the_next_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let mut swarm = swarm(3, dir.path()).await;
+    let stop = CancellationToken::new();
+    let runs: Vec<_> = swarm
+        .nodes
+        .iter()
+        .map(|n| spawn_peer(n, &job, config(12, None), stop.clone()))
+        .collect();
+    // Let the swarm get a few steps ahead, then join.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let joiner = swarm.spawn_node().await.unwrap();
+    let late = spawn_peer(&joiner, &job, config(12, None), stop.clone());
+    let (jt, js) = tokio::time::timeout(Duration::from_secs(300), late)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let mut others = Vec::new();
+    for r in runs {
+        others.push(
+            tokio::time::timeout(Duration::from_secs(300), r)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let downloaded = js
+        .events
+        .iter()
+        .find_map(|e| match e {
+            StepEvent::Downloaded { epoch, donors, .. } => Some((*epoch, *donors)),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("the joiner never downloaded: {:?}", js.events));
+    assert!(downloaded.0 >= 1, "{downloaded:?}");
+    assert!(
+        averaged(&js.events) >= 1,
+        "the joiner never averaged: {:?}",
+        js.events
+    );
+    assert_eq!(jt.epoch(), 12);
+    for (t, _) in &others {
+        assert_eq!(t.params(), jt.params(), "the joiner's parameters differ");
+    }
+    joiner.shutdown().await;
+    swarm.shutdown().await;
+}
+
+/// Every global step taken exactly once, in order: epochs of the steps (and downloads) a peer
+/// went through never repeat and never skip.
+fn assert_each_step_once(events: &[StepEvent], end: u64) {
+    let mut next = 0u64;
+    for e in events {
+        match e {
+            StepEvent::Averaged { epoch, .. } | StepEvent::Alone { epoch, .. } => {
+                assert_eq!(*epoch, next, "step {epoch} out of order: {events:?}");
+                next = epoch + 1;
+            }
+            StepEvent::Downloaded { epoch, .. } => {
+                assert!(*epoch >= next, "downloaded an older state: {events:?}");
+                next = *epoch;
+            }
+            StepEvent::Skipped { .. } => {}
+        }
+    }
+    assert_eq!(next, end, "{events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peers_killed_mid_accumulation_and_mid_round_cost_only_their_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let mut swarm = swarm(5, dir.path()).await;
+    let stop = CancellationToken::new();
+    let steps = 10;
+    // Nodes 3 and 4 are the victims; their training tasks die with their nodes.
+    let victims: Vec<Node> = swarm.nodes.drain(3..).collect();
+    let runs: Vec<_> = swarm
+        .nodes
+        .iter()
+        .map(|n| spawn_peer(n, &job, config(steps, None), stop.clone()))
+        .collect();
+    let mut victim_runs: Vec<_> = victims
+        .iter()
+        .map(|n| spawn_peer(n, &job, config(steps, None), stop.clone()))
+        .collect();
+    let mut victims = victims.into_iter();
+    // Victim 1 dies while accumulating (between two averaging windows).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let v1 = victims.next().unwrap();
+    v1.kill();
+    victim_runs.remove(0).abort();
+    // Victim 2 dies just after an all-reduce starts: watch for a proposed start time.
+    let h = swarm.nodes[0].handle.clone();
+    let key = colony_protocol::DhtKey::run_progress("fortunes").unwrap();
+    let v2 = victims.next().unwrap();
+    let fp = {
+        let (t, _) = job.setup(b"x").unwrap();
+        t.fingerprint()
+    };
+    let start = colony_tests::wait_for(
+        "a proposed all-reduce start",
+        Duration::from_secs(60),
+        || {
+            let h = h.clone();
+            let key = key.clone();
+            async move {
+                let rs = colony_daemon::train::read_progress(&h, &key, &fp).await;
+                anyhow::Ok(
+                    rs.iter()
+                        .filter(|r| r.epoch >= 3)
+                        .find_map(|r| r.ready_at_ms),
+                )
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let wait = start.saturating_sub(colony_daemon::clock::now_ms()) + 20;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    v2.kill();
+    victim_runs.remove(0).abort();
+    let mut results = Vec::new();
+    for r in runs {
+        results.push(
+            tokio::time::timeout(Duration::from_secs(300), r)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    for (t, s) in &results {
+        assert_eq!(t.epoch(), steps);
+        assert_eq!(t.params(), results[0].0.params(), "survivors diverged");
+        assert_each_step_once(&s.events, steps);
+    }
+    swarm.shutdown().await;
+}

@@ -1,0 +1,183 @@
+//! The swarm's progress towards the next global step, from the peers' progress records
+//! (hivemind's `ProgressTracker` formulas, `research/dedloc.md` §1.2), and what a peer should do.
+
+/// One peer's published progress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerProgress {
+    pub peer: Vec<u8>,
+    /// Global step the peer is accumulating for.
+    pub epoch: u64,
+    pub samples: u64,
+    /// Exponential moving average of the peer's throughput.
+    pub samples_per_sec: f64,
+    /// When the record was written (unix ms).
+    pub time_ms: u64,
+    pub client: bool,
+    /// The all-reduce start this peer proposes for `epoch` (unix ms), once it saw the target
+    /// reached.
+    pub ready_at_ms: Option<u64>,
+}
+
+/// The swarm as one peer sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GlobalView {
+    /// Highest epoch of any non-client peer (a client's alone if there are only clients).
+    pub epoch: u64,
+    /// Samples reported at that epoch.
+    pub samples: u64,
+    /// Samples expected by now at that epoch: reported + elapsed × rate.
+    pub estimated: f64,
+    /// Summed throughput of the peers at that epoch.
+    pub samples_per_sec: f64,
+    /// Peers at that epoch (excluding none).
+    pub peers: usize,
+    /// Earliest start proposed for that epoch.
+    pub ready_at_ms: Option<u64>,
+}
+
+impl GlobalView {
+    pub fn of(records: &[PeerProgress], now_ms: u64) -> Option<Self> {
+        let nodes = records.iter().filter(|r| !r.client);
+        let epoch = nodes
+            .map(|r| r.epoch)
+            .max()
+            .or_else(|| records.iter().map(|r| r.epoch).max())?;
+        let at: Vec<_> = records.iter().filter(|r| r.epoch == epoch).collect();
+        Some(Self {
+            epoch,
+            samples: at.iter().map(|r| r.samples).sum(),
+            estimated: at
+                .iter()
+                .map(|r| {
+                    let dt = now_ms.saturating_sub(r.time_ms) as f64 / 1e3;
+                    r.samples as f64 + dt.min(60.0) * r.samples_per_sec
+                })
+                .sum(),
+            samples_per_sec: at.iter().map(|r| r.samples_per_sec).sum(),
+            peers: at.len(),
+            ready_at_ms: at.iter().filter_map(|r| r.ready_at_ms).min(),
+        })
+    }
+
+    /// Seconds until the target is reached at the current rate.
+    pub fn eta_s(&self, target: u64) -> f64 {
+        let left = target as f64 - self.estimated;
+        if left <= 0.0 {
+            0.0
+        } else if self.samples_per_sec > 0.0 {
+            left / self.samples_per_sec
+        } else {
+            f64::INFINITY
+        }
+    }
+}
+
+/// What a peer at `local_epoch` does next.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decision {
+    /// Keep accumulating micro-batches.
+    Accumulate,
+    /// Stop and average for this epoch; matchmaking reads the declarations at `start_ms`.
+    /// `propose` is true when this peer is the first to call it (it publishes `start_ms`).
+    Average { start_ms: u64, propose: bool },
+    /// The swarm is at a later epoch: download the state.
+    Behind { epoch: u64 },
+}
+
+/// The decision rule. `view` includes this peer's own record; `window_ms` is how long
+/// matchmaking waits for the others to join after the target is reached.
+pub fn decide(
+    local_epoch: u64,
+    view: Option<&GlobalView>,
+    target: u64,
+    now_ms: u64,
+    window_ms: u64,
+) -> Decision {
+    let Some(v) = view else {
+        return Decision::Accumulate;
+    };
+    if v.epoch > local_epoch {
+        return Decision::Behind { epoch: v.epoch };
+    }
+    if v.epoch < local_epoch {
+        // Our own record is not visible yet: nothing to go by.
+        return Decision::Accumulate;
+    }
+    if let Some(start) = v.ready_at_ms {
+        return Decision::Average {
+            start_ms: start,
+            propose: false,
+        };
+    }
+    if v.samples >= target {
+        return Decision::Average {
+            start_ms: now_ms + window_ms,
+            propose: true,
+        };
+    }
+    Decision::Accumulate
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(peer: u8, epoch: u64, samples: u64, sps: f64, t: u64) -> PeerProgress {
+        PeerProgress {
+            peer: vec![peer],
+            epoch,
+            samples,
+            samples_per_sec: sps,
+            time_ms: t,
+            client: false,
+            ready_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn global_view_follows_the_newest_epoch_and_extrapolates() {
+        let rs = [
+            rec(1, 3, 10, 2.0, 1000),
+            rec(2, 3, 20, 1.0, 2000),
+            rec(3, 2, 99, 5.0, 2000),
+        ];
+        let v = GlobalView::of(&rs, 3000).unwrap();
+        assert_eq!((v.epoch, v.samples, v.peers), (3, 30, 2));
+        assert!((v.estimated - (10.0 + 4.0 + 20.0 + 1.0)).abs() < 1e-9);
+        assert!((v.eta_s(44) - 3.0).abs() < 1e-9);
+        // A client alone at a later epoch does not define the swarm's epoch.
+        let mut c = rec(4, 9, 1, 1.0, 3000);
+        c.client = true;
+        let v = GlobalView::of(&[rs[0].clone(), c], 3000).unwrap();
+        assert_eq!(v.epoch, 3);
+    }
+
+    #[test]
+    fn decisions() {
+        let rs = [rec(1, 3, 10, 2.0, 1000), rec(2, 3, 20, 1.0, 1000)];
+        let v = GlobalView::of(&rs, 1000).unwrap();
+        assert_eq!(decide(3, Some(&v), 64, 1000, 500), Decision::Accumulate);
+        assert_eq!(
+            decide(3, Some(&v), 30, 1000, 500),
+            Decision::Average {
+                start_ms: 1500,
+                propose: true
+            }
+        );
+        assert_eq!(
+            decide(2, Some(&v), 30, 1000, 500),
+            Decision::Behind { epoch: 3 }
+        );
+        let mut r = rs.to_vec();
+        r[1].ready_at_ms = Some(1200);
+        let v = GlobalView::of(&r, 1000).unwrap();
+        assert_eq!(
+            decide(3, Some(&v), 64, 1000, 500),
+            Decision::Average {
+                start_ms: 1200,
+                propose: false
+            }
+        );
+        assert_eq!(decide(0, None, 1, 0, 0), Decision::Accumulate);
+    }
+}

@@ -1,0 +1,5 @@
+//! Data pipelines: corpus reading, tokenizer, pretraining examples.
+
+pub mod mlm;
+pub mod text;
+pub mod tokenizer;

@@ -1,0 +1,3 @@
+//! Models, generic over the burn backend.
+
+pub mod albert;
