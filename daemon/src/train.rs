@@ -241,6 +241,8 @@ pub async fn train<Batch: Send + 'static>(
     // swarm moves on or a fresh start time is proposed.
     let mut failed_start: Option<(u64, u64)> = None;
     let started = Instant::now();
+    // Duration of the last micro-batch (ms): how close to the start one more fits.
+    let mut micro_ms = 0u64;
 
     let result: anyhow::Result<Box<dyn Trainer<Batch = Batch>>> = async move {
         loop {
@@ -302,50 +304,86 @@ pub async fn train<Batch: Send + 'static>(
                     cfg.target_batch,
                     now,
                     cfg.window.as_millis() as u64,
+                    micro_ms,
                 );
             }
 
-            match decision {
-                Decision::Accumulate => {
-                    let t0 = Instant::now();
-                    let before = trainer.samples();
-                    let batch = (batches)(epoch, micro);
-                    let t_batch = t0.elapsed();
-                    let (t, r) = tokio::task::spawn_blocking(move || {
-                        let t1 = Instant::now();
-                        let r = trainer.accumulate(&batch);
-                        tracing::debug!(
-                            compute_ms = t1.elapsed().as_millis() as u64,
-                            "micro-batch"
-                        );
-                        (trainer, r)
-                    })
-                    .await
-                    .map_err(|e| anyhow!("training task panicked: {e}"))?;
-                    trainer = t;
-                    tracing::debug!(
-                        batch_ms = t_batch.as_millis() as u64,
-                        total_ms = t0.elapsed().as_millis() as u64,
-                        "micro-batch done"
-                    );
-                    micro += 1;
-                    summary.micro_batches += 1;
-                    summary.samples += trainer.samples().saturating_sub(before);
-                    match r {
-                        Ok(loss) => {
-                            loss_sum += f64::from(loss);
-                            loss_n += 1;
-                            let n = trainer.samples().saturating_sub(before) as f64;
-                            let inst = n / t0.elapsed().as_secs_f64().max(1e-6);
-                            sps = if sps == 0.0 {
-                                inst
-                            } else {
-                                0.9 * sps + 0.1 * inst
-                            };
-                        }
-                        Err(e) => tracing::warn!(run, epoch, "micro-batch skipped: {e}"),
-                    }
+            // Our own proposal goes out first, so the others can join in time.
+            if let Decision::Average {
+                start_ms,
+                propose: true,
+            } = decision
+                && ready_at != Some(start_ms)
+            {
+                let others_here = records
+                    .iter()
+                    .filter(|r| r.peer != me.to_bytes() && r.epoch == epoch)
+                    .count();
+                if others_here == 0 && started.elapsed() < cfg.discovery {
+                    // Seeing nobody may only mean the DHT has not shown them yet: do not
+                    // start a run of our own before looking for a while.
+                    decision = Decision::Accumulate;
+                } else {
+                    ready_at = Some(start_ms);
+                    put_progress(
+                        h,
+                        &key,
+                        &progress(trainer.samples(), sps, ready_at, mean_loss),
+                    )
+                    .await;
+                    last_publish = Some(Instant::now());
                 }
+            }
+            // Keep computing until the start is a micro-batch (plus the declaration's lead)
+            // away: matchmaking overlaps the last micro-batches.
+            let compute = match decision {
+                Decision::Accumulate => true,
+                Decision::Average { start_ms, .. } => {
+                    now_ms() + micro_ms + cfg.refresh.as_millis() as u64 / 2 < start_ms
+                }
+                Decision::Behind { .. } => false,
+            };
+            if compute {
+                let t0 = Instant::now();
+                let before = trainer.samples();
+                let batch = (batches)(epoch, micro);
+                let t_batch = t0.elapsed();
+                let (t, r) = tokio::task::spawn_blocking(move || {
+                    let t1 = Instant::now();
+                    let r = trainer.accumulate(&batch);
+                    tracing::debug!(compute_ms = t1.elapsed().as_millis() as u64, "micro-batch");
+                    (trainer, r)
+                })
+                .await
+                .map_err(|e| anyhow!("training task panicked: {e}"))?;
+                trainer = t;
+                tracing::debug!(
+                    batch_ms = t_batch.as_millis() as u64,
+                    total_ms = t0.elapsed().as_millis() as u64,
+                    "micro-batch done"
+                );
+                micro_ms = t0.elapsed().as_millis() as u64;
+                micro += 1;
+                summary.micro_batches += 1;
+                summary.samples += trainer.samples().saturating_sub(before);
+                match r {
+                    Ok(loss) => {
+                        loss_sum += f64::from(loss);
+                        loss_n += 1;
+                        let n = trainer.samples().saturating_sub(before) as f64;
+                        let inst = n / t0.elapsed().as_secs_f64().max(1e-6);
+                        sps = if sps == 0.0 {
+                            inst
+                        } else {
+                            0.9 * sps + 0.1 * inst
+                        };
+                    }
+                    Err(e) => tracing::warn!(run, epoch, "micro-batch skipped: {e}"),
+                }
+                continue;
+            }
+            match decision {
+                Decision::Accumulate => {}
                 Decision::Behind { epoch: target } => {
                     match download_state(h, run, &records, target, cfg.max_state_bytes).await {
                         Ok((state, donors, bytes)) => {
@@ -378,26 +416,11 @@ pub async fn train<Batch: Send + 'static>(
                         }
                     }
                 }
-                Decision::Average { start_ms, propose } => {
+                Decision::Average { start_ms, .. } => {
                     let others_here = records
                         .iter()
                         .filter(|r| r.peer != me.to_bytes() && r.epoch == epoch)
                         .count();
-                    if others_here == 0 && started.elapsed() < cfg.discovery {
-                        // Seeing nobody may only mean the DHT has not shown them yet: do not
-                        // start a run of our own before looking for a while.
-                        decision = Decision::Accumulate;
-                        continue;
-                    }
-                    if propose {
-                        ready_at = Some(start_ms);
-                        put_progress(
-                            h,
-                            &key,
-                            &progress(trainer.samples(), sps, ready_at, mean_loss),
-                        )
-                        .await;
-                    }
                     let t0 = Instant::now();
                     let wait = Duration::from_millis(start_ms.saturating_sub(now_ms()));
                     let deadline = tokio::time::Instant::now() + wait;

@@ -43,6 +43,17 @@ impl NodeProcess {
     /// Starts `colony node --data-dir DIR ARGS…`, inside `netns` if given, and waits until it
     /// has written its `node.json`.
     pub fn start(data_dir: &Path, args: &[String], netns: Option<&str>) -> anyhow::Result<Self> {
+        Self::start_command("node", data_dir, args, netns)
+    }
+
+    /// Starts `colony SUBCOMMAND --data-dir DIR ARGS…` (a subcommand that runs a node, such
+    /// as `node` or `train`); its standard output goes to the log too.
+    pub fn start_command(
+        subcommand: &str,
+        data_dir: &Path,
+        args: &[String],
+        netns: Option<&str>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir)?;
         let info_path = data_dir.join("node.json");
         let _ = std::fs::remove_file(&info_path);
@@ -56,17 +67,20 @@ impl NodeProcess {
             }
             None => Command::new(colony_bin()),
         };
-        cmd.arg("node").arg("--data-dir").arg(data_dir).args(args);
+        cmd.arg(subcommand)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(args);
         cmd.env(
             "COLONY_LOG",
             std::env::var("COLONY_TEST_LOG").unwrap_or_else(|_| "info".into()),
         );
         let child = cmd
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .spawn()
-            .context("cannot spawn colony node")?;
+            .with_context(|| format!("cannot spawn colony {subcommand}"))?;
         let mut p = Self {
             child,
             data_dir: data_dir.to_owned(),

@@ -57,7 +57,7 @@ async fn swarm(n: usize, dir: &Path) -> LocalSwarm {
 
 fn config(steps: u64, checkpoint: Option<PathBuf>) -> TrainConfig {
     let mut c = TrainConfig::new("fortunes", 48);
-    c.window = Duration::from_millis(700);
+    c.window = Duration::from_millis(1000);
     c.refresh = Duration::from_millis(250);
     c.discovery = Duration::from_secs(3);
     c.max_steps = Some(steps);
@@ -292,4 +292,95 @@ async fn peers_killed_mid_accumulation_and_mid_round_cost_only_their_samples() {
         assert_each_step_once(&s.events, steps);
     }
     swarm.shutdown().await;
+}
+
+#[test]
+fn colony_train_runs_across_processes_and_resumes_from_its_checkpoint() {
+    use colony_tests::process::NodeProcess;
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path()); // writes the run's shared tokenizer.json
+    drop(job);
+    let tok = dir.path().join("tokenizer.json");
+    let common = |steps: u64, bootstrap: Option<&str>| {
+        let mut a: Vec<String> = [
+            "--data",
+            FORTUNES,
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--run",
+            "proc",
+            "--target-batch",
+            "32",
+            "--micro-batch",
+            "8",
+            "--seq",
+            "32",
+            "--lr",
+            "0.05",
+            "--warmup",
+            "2",
+            "--http",
+            "off",
+            "--reachability",
+            "public",
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(["--steps".to_string(), steps.to_string()]);
+        if let Some(b) = bootstrap {
+            a.extend(["--bootstrap".to_string(), b.to_string()]);
+        }
+        a
+    };
+    let first = NodeProcess::start_command("train", &dir.path().join("p0"), &common(4, None), None)
+        .unwrap();
+    let boot = format!("{}/p2p/{}", first.info.listen_addrs[0], first.info.peer_id);
+    let mut procs = vec![first];
+    for i in 1..3 {
+        procs.push(
+            NodeProcess::start_command(
+                "train",
+                &dir.path().join(format!("p{i}")),
+                &common(4, Some(&boot)),
+                None,
+            )
+            .unwrap(),
+        );
+    }
+    for p in &mut procs {
+        let deadline = std::time::Instant::now() + Duration::from_secs(240);
+        let status = loop {
+            if let Some(s) = p.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "colony train did not finish: {}",
+                p.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let log = p.log_text();
+        assert!(status.success(), "colony train failed: {log}");
+        assert!(log.contains("reached global step 4"), "{log}");
+        assert!(
+            log.contains("averaged with 3 peers"),
+            "never averaged with all three: {log}"
+        );
+    }
+    // Restart the first peer alone: it resumes from its checkpoint at step 4.
+    let mut again =
+        NodeProcess::start_command("train", &dir.path().join("p0"), &common(5, None), None)
+            .unwrap();
+    let status = again.child.wait().unwrap();
+    let log = again.log_text();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("step    4: alone"),
+        "did not resume at step 4: {log}"
+    );
+    assert!(log.contains("reached global step 5"), "{log}");
 }
