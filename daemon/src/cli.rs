@@ -74,6 +74,8 @@ pub enum BenchSuite {
     Dht(crate::bench::dht::DhtBenchArgs),
     /// Bandwidth-aware all-reduce between processes on shaped links (needs root).
     Allreduce(crate::bench::allreduce::AllreduceBenchArgs),
+    /// Collaborative ALBERT pretraining: N peers on loopback vs one process, same batches.
+    Train(crate::bench::train::TrainBenchArgs),
     /// One peer of `bench allreduce` (driven over stdin/stdout by the benchmark).
     #[command(hide = true)]
     AllreducePeer(crate::bench::allreduce::PeerArgs),
@@ -261,6 +263,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             suite: BenchSuite::Dht(args),
         } => crate::bench::dht::run(args).await,
+        Command::Bench {
+            suite: BenchSuite::Train(args),
+        } => crate::bench::train::run(args).await,
         Command::Bench {
             suite: BenchSuite::Allreduce(args),
         } => crate::bench::allreduce::run(args).await,

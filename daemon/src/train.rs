@@ -97,6 +97,10 @@ pub enum StepEvent {
         epoch: u64,
         peers: usize,
         samples: f64,
+        /// Micro-batches this peer contributed (indices 0.. of its stream for this epoch).
+        micro_batches: u64,
+        /// Samples this peer contributed.
+        own_samples: u64,
         lr: f32,
         /// Shards applied as zero because their aggregator failed.
         zeroed_shards: usize,
@@ -104,7 +108,12 @@ pub enum StepEvent {
         seconds: f64,
     },
     /// Stepped alone (no other peer at this epoch).
-    Alone { epoch: u64, lr: f32, loss: f32 },
+    Alone {
+        epoch: u64,
+        lr: f32,
+        loss: f32,
+        micro_batches: u64,
+    },
     /// Downloaded the state of `epoch` from `donors` peers.
     Downloaded {
         epoch: u64,
@@ -304,6 +313,7 @@ pub async fn train<Batch: Send + 'static>(
                     cfg.target_batch,
                     now,
                     cfg.window.as_millis() as u64,
+                    2 * cfg.refresh.as_millis() as u64,
                     micro_ms,
                 );
             }
@@ -404,6 +414,7 @@ pub async fn train<Batch: Send + 'static>(
                             });
                             publish_state(served, trainer.as_ref());
                             ready_at = None;
+                            micro = 0;
                             loss_sum = 0.0;
                             loss_n = 0;
                             last_publish = None;
@@ -464,6 +475,8 @@ pub async fn train<Batch: Send + 'static>(
                                             epoch,
                                             peers,
                                             samples: total,
+                                            micro_batches: micro,
+                                            own_samples: samples,
                                             lr,
                                             zeroed_shards: zeroed,
                                             loss,
@@ -477,7 +490,12 @@ pub async fn train<Batch: Send + 'static>(
                         }
                         Ok(None) if others_here == 0 && !cfg.client => {
                             let lr = trainer.apply(&trainer.mean_gradient())?;
-                            Ok(StepEvent::Alone { epoch, lr, loss })
+                            Ok(StepEvent::Alone {
+                                epoch,
+                                lr,
+                                loss,
+                                micro_batches: micro,
+                            })
                         }
                         Ok(None) => Err("left out of the group".into()),
                         Err(e) => Err(format!("matchmaking failed: {e:#}")),

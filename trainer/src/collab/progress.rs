@@ -84,8 +84,9 @@ pub enum Decision {
     Behind { epoch: u64 },
 }
 
-/// The decision rule. `view` includes this peer's own record; `window_ms` is the matchmaking
-/// lead: a start is proposed once the target is expected within it, at least that far ahead.
+/// The decision rule. `view` includes this peer's own record. A start is proposed once the
+/// target is expected within `window_ms`, for when it is expected, and at least `lead_ms`
+/// ahead (the others must read the proposal first).
 /// `slack_ms` (about one micro-batch) is added to the expected time: peers stop at whole
 /// micro-batches, so without it the swarm would fall short of the target.
 pub fn decide(
@@ -94,6 +95,7 @@ pub fn decide(
     target: u64,
     now_ms: u64,
     window_ms: u64,
+    lead_ms: u64,
     slack_ms: u64,
 ) -> Decision {
     let Some(v) = view else {
@@ -119,7 +121,7 @@ pub fn decide(
     if v.samples >= target || v.estimated + v.samples_per_sec * window_s >= target as f64 {
         let eta_ms = (v.eta_s(target) * 1e3).min(3.6e6) as u64;
         return Decision::Average {
-            start_ms: now_ms + window_ms.max(eta_ms + slack_ms),
+            start_ms: now_ms + lead_ms.max(eta_ms + slack_ms),
             propose: true,
         };
     }
@@ -164,39 +166,45 @@ mod tests {
     fn decisions() {
         let rs = [rec(1, 3, 10, 2.0, 1000), rec(2, 3, 20, 1.0, 1000)];
         let v = GlobalView::of(&rs, 1000).unwrap();
-        assert_eq!(decide(3, Some(&v), 64, 1000, 500, 0), Decision::Accumulate);
         assert_eq!(
-            decide(3, Some(&v), 30, 1000, 500, 0),
+            decide(3, Some(&v), 64, 1000, 500, 500, 0),
+            Decision::Accumulate
+        );
+        assert_eq!(
+            decide(3, Some(&v), 30, 1000, 500, 500, 0),
             Decision::Average {
                 start_ms: 1500,
                 propose: true
             }
         );
         assert_eq!(
-            decide(2, Some(&v), 30, 1000, 500, 0),
+            decide(2, Some(&v), 30, 1000, 500, 500, 0),
             Decision::Behind { epoch: 3 }
         );
         let mut r = rs.to_vec();
         r[1].ready_at_ms = Some(1200);
         let v = GlobalView::of(&r, 1000).unwrap();
         assert_eq!(
-            decide(3, Some(&v), 64, 1000, 500, 0),
+            decide(3, Some(&v), 64, 1000, 500, 500, 0),
             Decision::Average {
                 start_ms: 1200,
                 propose: false
             }
         );
-        assert_eq!(decide(0, None, 1, 0, 0, 0), Decision::Accumulate);
+        assert_eq!(decide(0, None, 1, 0, 0, 0, 0), Decision::Accumulate);
         // 30 samples at 3/s: 32 is expected in 667 ms, within a 1 s window.
         let v = GlobalView::of(&rs, 1000).unwrap();
         assert_eq!(
-            decide(3, Some(&v), 32, 1000, 1000, 0),
+            decide(3, Some(&v), 32, 1000, 1000, 1000, 0),
             Decision::Average {
                 start_ms: 2000,
                 propose: true
             }
         );
         // ... and 40 is 3.3 s away: keep accumulating.
-        assert_eq!(decide(3, Some(&v), 40, 1000, 1000, 0), Decision::Accumulate);
+        assert_eq!(
+            decide(3, Some(&v), 40, 1000, 1000, 1000, 0),
+            Decision::Accumulate
+        );
     }
 }
