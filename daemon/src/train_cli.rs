@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use colony_trainer::collab::{AlbertCpuTrainer, albert_cpu};
+use colony_trainer::collab::{AlbertTrainer, albert_cpu};
 use colony_trainer::data::mlm::{MlmBatch, Sampler, TokenizedCorpus};
 use colony_trainer::data::text::Corpus;
 use colony_trainer::data::tokenizer::TextTokenizer;
@@ -31,6 +31,17 @@ pub struct AlbertJob {
     pub warmup: u64,
     pub total_steps: u64,
     pub seed: u64,
+    pub backend: Backend,
+}
+
+/// Where a trainer computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+pub enum Backend {
+    /// burn-ndarray on the CPU.
+    #[default]
+    Ndarray,
+    /// burn-cuda on an NVIDIA GPU (a build with `--features cuda`).
+    Cuda,
 }
 
 impl AlbertJob {
@@ -57,7 +68,7 @@ impl AlbertJob {
     }
 
     /// This peer's trainer (seeded initial parameters) and its data stream.
-    pub fn setup(&self, peer: &[u8]) -> anyhow::Result<(AlbertCpuTrainer, BatchSource<MlmBatch>)> {
+    pub fn setup(&self, peer: &[u8]) -> anyhow::Result<(AlbertTrainer, BatchSource<MlmBatch>)> {
         let vocab = self.tokenizer.vocab_size();
         let cfg = AlbertConfig::named(&self.size, vocab)
             .with_context(|| format!("unknown ALBERT size {:?} (tiny, base, large)", self.size))?;
@@ -83,7 +94,10 @@ impl AlbertJob {
             self.seq,
             hex::encode(self.tokenizer.fingerprint()?),
         ))?;
-        let trainer = albert_cpu(&cfg, optimizer, schedule, &extra, self.seed)?;
+        let trainer = match self.backend {
+            Backend::Ndarray => albert_cpu(&cfg, optimizer, schedule, &extra, self.seed)?,
+            Backend::Cuda => cuda_trainer(&cfg, optimizer, schedule, &extra, self.seed)?,
+        };
         let sampler = Sampler {
             run_seed: self.seed,
             peer: peer.to_vec(),
@@ -94,6 +108,39 @@ impl AlbertJob {
             Arc::new(move |epoch, index| sampler.batch(&tc, epoch, index, mb, seq));
         Ok((trainer, source))
     }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_trainer(
+    cfg: &AlbertConfig,
+    optimizer: OptimizerConfig,
+    schedule: Schedule,
+    extra: &[u8],
+    seed: u64,
+) -> anyhow::Result<AlbertTrainer> {
+    if !colony_trainer::backend::cuda_available() {
+        bail!("--backend cuda: no CUDA driver (libcuda.so) on this machine");
+    }
+    let gpu = std::env::var("COLONY_GPU")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok(colony_trainer::collab::albert_cuda(
+        cfg, optimizer, schedule, extra, seed, gpu,
+    )?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_trainer(
+    _: &AlbertConfig,
+    _: OptimizerConfig,
+    _: Schedule,
+    _: &[u8],
+    _: u64,
+) -> anyhow::Result<AlbertTrainer> {
+    bail!(
+        "--backend cuda: this colony was built without the `cuda` feature (cargo build --release --features cuda)"
+    )
 }
 
 #[derive(Debug, Args)]
@@ -130,6 +177,9 @@ pub struct TrainArgs {
     /// Stop after this global step (default: run until interrupted).
     #[arg(long)]
     pub steps: Option<u64>,
+    /// ndarray (CPU) or cuda (GPU; COLONY_GPU picks the device, default 0).
+    #[arg(long, value_enum, default_value = "ndarray")]
+    pub backend: Backend,
     /// Run seed (initial parameters and data order).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -177,6 +227,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
         warmup: args.warmup,
         total_steps: args.total_steps,
         seed: args.seed,
+        backend: args.backend,
     };
     let node = crate::node::Node::start(node_cfg).await?;
     let (trainer, source) = job.setup(&node.peer_id().to_bytes())?;

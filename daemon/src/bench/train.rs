@@ -43,6 +43,12 @@ pub struct TrainBenchArgs {
     /// Text corpus (default: Debian's fortunes).
     #[arg(long, default_value = "/usr/share/games/fortunes")]
     pub data: PathBuf,
+    /// ndarray (CPU) or cuda (GPU).
+    #[arg(long, value_enum, default_value = "ndarray")]
+    pub backend: crate::train_cli::Backend,
+    /// Only time one process (no swarm): the single-device samples/s.
+    #[arg(long)]
+    pub single_only: bool,
     /// A smaller run (under a minute on 2 cores), same code path.
     #[arg(long)]
     pub quick: bool,
@@ -108,7 +114,12 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
         warmup: 2,
         total_steps: 10_000,
         seed: 1,
+        backend: a.backend,
     };
+
+    if a.single_only {
+        return single_only(&a, &job);
+    }
 
     // The swarm.
     let swarm = LocalSwarm::start(
@@ -276,7 +287,10 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
     let sps_concurrent = concurrent_samples as f64 / concurrent_s;
     let case = Case {
         model: a.model.clone(),
-        backend: "ndarray",
+        backend: match a.backend {
+            crate::train_cli::Backend::Ndarray => "ndarray",
+            crate::train_cli::Backend::Cuda => "cuda",
+        },
         peers: a.peers,
         target_batch: a.target_batch,
         micro_batch: a.micro_batch,
@@ -326,6 +340,68 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
     println!("max |param swarm − param single| = {max_diff:.3e}");
     if let Some(p) = &a.json {
         super::write_json(p, "train", &[case])?;
+    }
+    Ok(())
+}
+
+/// One trainer, no network: `steps` global steps of `target_batch` samples each. Reports
+/// samples/s after a warm-up step (GPU kernels compile on first use).
+fn single_only(a: &TrainBenchArgs, job: &AlbertJob) -> anyhow::Result<()> {
+    let tc = colony_trainer::data::mlm::TokenizedCorpus::new(&job.corpus, &job.tokenizer)?;
+    let (mut t, _) = job.setup(b"single")?;
+    let s = Sampler {
+        run_seed: job.seed,
+        peer: b"single".to_vec(),
+    };
+    let per_step = (a.target_batch as usize).div_ceil(job.micro_batch) as u64;
+    let mut timed = 0u64;
+    let mut t0 = Instant::now();
+    let mut losses = Vec::new();
+    for step in 0..=a.steps {
+        if step == 1 {
+            t0 = Instant::now();
+            timed = 0;
+        }
+        let mut sum = 0.0;
+        for j in 0..per_step {
+            let b = s.batch(&tc, step, j, job.micro_batch, job.seq);
+            sum += t.accumulate(&b)?;
+            timed += b.batch as u64;
+        }
+        losses.push(sum / per_step as f32);
+        let g = t.mean_gradient();
+        t.apply(&g)?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let sps = timed as f64 / secs;
+    println!(
+        "{} on {:?}: {} parameters, {:.1} samples/s ({} samples, {} steps after one warm-up step, {:.2} s per step); losses {:?}",
+        a.model,
+        a.backend,
+        t.len(),
+        sps,
+        timed,
+        a.steps,
+        secs / a.steps as f64,
+        losses
+    );
+    if let Some(p) = &a.json {
+        super::write_json(
+            p,
+            "train",
+            &[serde_json::json!({
+                "model": a.model,
+                "backend": format!("{:?}", a.backend).to_lowercase(),
+                "peers": 1,
+                "parameters": t.len(),
+                "target_batch": a.target_batch,
+                "micro_batch": a.micro_batch,
+                "seq": a.seq,
+                "samples_per_s_single": sps,
+                "step_s": secs / a.steps as f64,
+                "loss_single_at_step": losses,
+            })],
+        )?;
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use colony_daemon::local::{LocalSwarm, LocalSwarmConfig};
 use colony_daemon::node::Node;
 use colony_daemon::train::{StepEvent, TrainConfig, TrainSummary, train};
 use colony_daemon::train_cli::AlbertJob;
-use colony_trainer::collab::AlbertCpuTrainer;
+use colony_trainer::collab::AlbertTrainer;
 use colony_trainer::data::mlm::{Sampler, TokenizedCorpus};
 use colony_trainer::data::text::Corpus;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,7 @@ fn job(dir: &Path) -> AlbertJob {
         warmup: 2,
         total_steps: 1000,
         seed: 5,
+        backend: Default::default(),
     }
 }
 
@@ -70,14 +71,14 @@ fn spawn_peer(
     job: &AlbertJob,
     cfg: TrainConfig,
     stop: CancellationToken,
-) -> tokio::task::JoinHandle<anyhow::Result<(AlbertCpuTrainer, TrainSummary)>> {
+) -> tokio::task::JoinHandle<anyhow::Result<(AlbertTrainer, TrainSummary)>> {
     let h = node.handle.clone();
     let (trainer, source) = job.setup(&node.peer_id().to_bytes()).unwrap();
     tokio::spawn(async move { train(&h, trainer, source, &cfg, stop).await })
 }
 
 /// Mean loss of `trainer`'s current parameters on fixed held-out batches (no step taken).
-fn held_out_loss(job: &AlbertJob, trainer: &mut AlbertCpuTrainer) -> f32 {
+fn held_out_loss(job: &AlbertJob, trainer: &mut AlbertTrainer) -> f32 {
     let tc = TokenizedCorpus::new(&job.corpus, &job.tokenizer).unwrap();
     let s = Sampler {
         run_seed: 99,

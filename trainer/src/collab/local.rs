@@ -309,22 +309,25 @@ where
     }
 }
 
-/// A boxed CPU ALBERT trainer (see [`Trainer`] for why it is boxed here).
-pub type AlbertCpuTrainer = Box<dyn Trainer<Batch = crate::data::mlm::MlmBatch>>;
+/// A boxed ALBERT trainer, CPU or GPU (see [`Trainer`] for why it is boxed here).
+pub type AlbertTrainer = Box<dyn Trainer<Batch = crate::data::mlm::MlmBatch>>;
 
-/// A CPU ALBERT trainer with the given configuration, starting from
+/// An ALBERT trainer on backend `B`, starting from
 /// [`crate::models::albert::seeded_params`] of `seed`.
-pub fn albert_cpu(
+fn albert_on<B>(
     cfg: &crate::models::albert::AlbertConfig,
     optimizer: OptimizerConfig,
     schedule: Schedule,
     extra_fingerprint: &[u8],
     seed: u64,
-) -> Result<AlbertCpuTrainer, TrainError> {
-    use crate::backend::CpuTrain;
-    let device = Default::default();
-    let mut t: LocalTrainer<CpuTrain, crate::models::albert::Albert<CpuTrain>> = LocalTrainer::new(
-        cfg.init::<CpuTrain>(&device),
+    device: B::Device,
+) -> Result<AlbertTrainer, TrainError>
+where
+    B: AutodiffBackend,
+    B::Device: Send,
+{
+    let mut t: LocalTrainer<B, crate::models::albert::Albert<B>> = LocalTrainer::new(
+        cfg.init::<B>(&device),
         optimizer,
         schedule,
         extra_fingerprint,
@@ -332,4 +335,43 @@ pub fn albert_cpu(
     )?;
     t.reset_params(crate::models::albert::seeded_params(&t.layout, seed))?;
     Ok(Box::new(t))
+}
+
+/// A CPU (ndarray) ALBERT trainer.
+pub fn albert_cpu(
+    cfg: &crate::models::albert::AlbertConfig,
+    optimizer: OptimizerConfig,
+    schedule: Schedule,
+    extra_fingerprint: &[u8],
+    seed: u64,
+) -> Result<AlbertTrainer, TrainError> {
+    albert_on::<crate::backend::CpuTrain>(
+        cfg,
+        optimizer,
+        schedule,
+        extra_fingerprint,
+        seed,
+        Default::default(),
+    )
+}
+
+/// A GPU (burn-cuda) ALBERT trainer on CUDA device `index`. Check
+/// [`crate::backend::cuda_available`] first: burn-cuda panics without a driver.
+#[cfg(feature = "cuda")]
+pub fn albert_cuda(
+    cfg: &crate::models::albert::AlbertConfig,
+    optimizer: OptimizerConfig,
+    schedule: Schedule,
+    extra_fingerprint: &[u8],
+    seed: u64,
+    index: usize,
+) -> Result<AlbertTrainer, TrainError> {
+    albert_on::<crate::backend::CudaTrain>(
+        cfg,
+        optimizer,
+        schedule,
+        extra_fingerprint,
+        seed,
+        burn::backend::cuda::CudaDevice::new(index),
+    )
 }

@@ -10,7 +10,9 @@ use burn::module::AutodiffModule;
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 
-pub use local::{AlbertCpuTrainer, LocalTrainer, TrainError, Trainer, albert_cpu};
+#[cfg(feature = "cuda")]
+pub use local::albert_cuda;
+pub use local::{AlbertTrainer, LocalTrainer, TrainError, Trainer, albert_cpu};
 pub use progress::{Decision, GlobalView, PeerProgress, decide};
 pub use snapshot::{SnapshotError, TrainState};
 
