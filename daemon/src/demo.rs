@@ -77,6 +77,7 @@ async fn demo_training(swarm: &LocalSwarm) -> anyhow::Result<TrainingSummary> {
         total_steps: 1000,
         seed: 7,
         backend: Default::default(),
+        gpu: 0,
     };
     let n = swarm.nodes.len() as u64;
     let steps = 5;

@@ -242,16 +242,28 @@ pub async fn train<Batch: Send + 'static>(
     let mut loss_n = 0u64;
     let mut micro = 0u64;
     let mut ready_at: Option<u64> = None;
-    let mut last_publish: Option<Instant> = None;
-    let mut last_read: Option<Instant> = None;
-    let mut decision = Decision::Accumulate;
-    let mut records: Vec<PeerProgress> = Vec::new();
     // Attempts that failed at an epoch: matchmaking is not retried for that epoch until the
     // swarm moves on or a fresh start time is proposed.
     let mut failed_start: Option<(u64, u64)> = None;
     let started = Instant::now();
     // Duration of the last micro-batch (ms): how close to the start one more fits.
     let mut micro_ms = 0u64;
+
+    // Progress goes to and comes from the DHT in the background: the loop never waits on it.
+    let tracker_stop = stop.child_token();
+    let (local_tx, local_rx) = tokio::sync::watch::channel::<Option<TrainProgress>>(None);
+    let (records_tx, records_rx) = tokio::sync::watch::channel::<Vec<PeerProgress>>(Vec::new());
+    let urgent = Arc::new(tokio::sync::Notify::new());
+    let tracker = tokio::spawn(track_progress(
+        h.clone(),
+        key.clone(),
+        fingerprint,
+        local_rx,
+        records_tx,
+        urgent.clone(),
+        cfg.refresh,
+        tracker_stop.clone(),
+    ));
 
     let result: anyhow::Result<Box<dyn Trainer<Batch = Batch>>> = async move {
         loop {
@@ -272,18 +284,9 @@ pub async fn train<Batch: Send + 'static>(
                     loss,
                 };
             let mean_loss = (loss_n > 0).then(|| (loss_sum / loss_n as f64) as f32);
-            if last_publish.is_none_or(|t| t.elapsed() >= cfg.refresh) {
-                put_progress(
-                    h,
-                    &key,
-                    &progress(trainer.samples(), sps, ready_at, mean_loss),
-                )
-                .await;
-                last_publish = Some(Instant::now());
-            }
-            if last_read.is_none_or(|t| t.elapsed() >= cfg.refresh) {
-                records = read_progress(h, &key, &fingerprint).await;
-                last_read = Some(Instant::now());
+            local_tx.send_replace(Some(progress(trainer.samples(), sps, ready_at, mean_loss)));
+            let records: Vec<PeerProgress> = records_rx.borrow().clone();
+            let mut decision = {
                 let now = now_ms();
                 let stale = (cfg.window + cfg.matching.commit_wait).as_millis() as u64;
                 let mut view_records = records.clone();
@@ -307,7 +310,7 @@ pub async fn train<Batch: Send + 'static>(
                     ready_at_ms: ready_at,
                 });
                 let view = GlobalView::of(&view_records, now);
-                decision = decide(
+                decide(
                     epoch,
                     view.as_ref(),
                     cfg.target_batch,
@@ -315,8 +318,8 @@ pub async fn train<Batch: Send + 'static>(
                     cfg.window.as_millis() as u64,
                     2 * cfg.refresh.as_millis() as u64,
                     micro_ms,
-                );
-            }
+                )
+            };
 
             // Our own proposal goes out first, so the others can join in time.
             if let Decision::Average {
@@ -335,13 +338,13 @@ pub async fn train<Batch: Send + 'static>(
                     decision = Decision::Accumulate;
                 } else {
                     ready_at = Some(start_ms);
-                    put_progress(
-                        h,
-                        &key,
-                        &progress(trainer.samples(), sps, ready_at, mean_loss),
-                    )
-                    .await;
-                    last_publish = Some(Instant::now());
+                    local_tx.send_replace(Some(progress(
+                        trainer.samples(),
+                        sps,
+                        ready_at,
+                        mean_loss,
+                    )));
+                    urgent.notify_one();
                 }
             }
             // Keep computing until the start is a micro-batch (plus the declaration's lead)
@@ -417,13 +420,11 @@ pub async fn train<Batch: Send + 'static>(
                             micro = 0;
                             loss_sum = 0.0;
                             loss_n = 0;
-                            last_publish = None;
-                            last_read = None;
+                            urgent.notify_one();
                         }
                         Err(e) => {
                             tracing::warn!(run, epoch, target, "state download failed: {e:#}");
                             tokio::time::sleep(cfg.refresh).await;
-                            last_read = None;
                         }
                     }
                 }
@@ -525,15 +526,15 @@ pub async fn train<Batch: Send + 'static>(
                             tokio::time::sleep(cfg.refresh).await;
                         }
                     }
-                    last_publish = None;
-                    last_read = None;
-                    decision = Decision::Accumulate;
+                    urgent.notify_one();
                 }
             }
         }
     }
     .await;
 
+    tracker_stop.cancel();
+    let _ = tracker.await;
     mm_owned.close().await;
     if !cfg.client {
         h.unregister_state_handler(run.to_string()).await;
@@ -570,6 +571,42 @@ fn publish_state<Batch>(served: &Arc<Mutex<Served>>, t: &dyn Trainer<Batch = Bat
         return;
     }
     s.previous = s.current.replace(fresh);
+}
+
+/// Publishes the latest local progress and reads everyone's, every `refresh` or at once when
+/// `urgent` is notified, until `stop`.
+#[allow(clippy::too_many_arguments)]
+async fn track_progress(
+    h: NodeHandle,
+    key: DhtKey,
+    fingerprint: [u8; 32],
+    mut local: tokio::sync::watch::Receiver<Option<TrainProgress>>,
+    records: tokio::sync::watch::Sender<Vec<PeerProgress>>,
+    urgent: Arc<tokio::sync::Notify>,
+    refresh: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        let mine = local.borrow_and_update().clone();
+        if let Some(p) = mine {
+            put_progress(
+                &h,
+                &key,
+                &TrainProgress {
+                    time_ms: now_ms(),
+                    ..p
+                },
+            )
+            .await;
+        }
+        let rs = read_progress(&h, &key, &fingerprint).await;
+        records.send_replace(rs);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(refresh) => {}
+            () = urgent.notified() => {}
+        }
+    }
 }
 
 async fn put_progress(h: &NodeHandle, key: &DhtKey, p: &TrainProgress) {

@@ -32,6 +32,8 @@ pub struct AlbertJob {
     pub total_steps: u64,
     pub seed: u64,
     pub backend: Backend,
+    /// CUDA device index (with `Backend::Cuda`).
+    pub gpu: usize,
 }
 
 /// Where a trainer computes.
@@ -96,7 +98,7 @@ impl AlbertJob {
         ))?;
         let trainer = match self.backend {
             Backend::Ndarray => albert_cpu(&cfg, optimizer, schedule, &extra, self.seed)?,
-            Backend::Cuda => cuda_trainer(&cfg, optimizer, schedule, &extra, self.seed)?,
+            Backend::Cuda => cuda_trainer(&cfg, optimizer, schedule, &extra, self.seed, self.gpu)?,
         };
         let sampler = Sampler {
             run_seed: self.seed,
@@ -117,14 +119,11 @@ fn cuda_trainer(
     schedule: Schedule,
     extra: &[u8],
     seed: u64,
+    gpu: usize,
 ) -> anyhow::Result<AlbertTrainer> {
     if !colony_trainer::backend::cuda_available() {
         bail!("--backend cuda: no CUDA driver (libcuda.so) on this machine");
     }
-    let gpu = std::env::var("COLONY_GPU")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
     Ok(colony_trainer::collab::albert_cuda(
         cfg, optimizer, schedule, extra, seed, gpu,
     )?)
@@ -137,6 +136,7 @@ fn cuda_trainer(
     _: Schedule,
     _: &[u8],
     _: u64,
+    _: usize,
 ) -> anyhow::Result<AlbertTrainer> {
     bail!(
         "--backend cuda: this colony was built without the `cuda` feature (cargo build --release --features cuda)"
@@ -177,9 +177,12 @@ pub struct TrainArgs {
     /// Stop after this global step (default: run until interrupted).
     #[arg(long)]
     pub steps: Option<u64>,
-    /// ndarray (CPU) or cuda (GPU; COLONY_GPU picks the device, default 0).
+    /// ndarray (CPU) or cuda (GPU).
     #[arg(long, value_enum, default_value = "ndarray")]
     pub backend: Backend,
+    /// CUDA device index for --backend cuda.
+    #[arg(long, env = "COLONY_GPU", default_value_t = 0)]
+    pub gpu: usize,
     /// Run seed (initial parameters and data order).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -228,6 +231,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
         total_steps: args.total_steps,
         seed: args.seed,
         backend: args.backend,
+        gpu: args.gpu,
     };
     let node = crate::node::Node::start(node_cfg).await?;
     let (trainer, source) = job.setup(&node.peer_id().to_bytes())?;

@@ -46,6 +46,9 @@ pub struct TrainBenchArgs {
     /// ndarray (CPU) or cuda (GPU).
     #[arg(long, value_enum, default_value = "ndarray")]
     pub backend: crate::train_cli::Backend,
+    /// GPUs to spread the peers over (peer i uses GPU i mod N) with --backend cuda.
+    #[arg(long, default_value_t = 1)]
+    pub gpus: usize,
     /// Only time one process (no swarm): the single-device samples/s.
     #[arg(long)]
     pub single_only: bool,
@@ -77,6 +80,10 @@ struct Case {
     /// Mean time per global step in the swarm, and the part of it outside micro-batches
     /// (matchmaking wait + all-reduce + optimizer step), measured at peer 0.
     step_s: f64,
+    /// Share of the swarm's wall time a peer spends between its last micro-batch of a step and
+    /// the step applied (waiting for the start, matchmaking, all-reduce, optimizer), mean over
+    /// peers.
+    averaging_fraction: f64,
     loss_at_step: Vec<f64>,
     loss_single_at_step: Vec<f64>,
     max_param_diff_vs_single: f64,
@@ -115,6 +122,7 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
         total_steps: 10_000,
         seed: 1,
         backend: a.backend,
+        gpu: 0,
     };
 
     if a.single_only {
@@ -138,9 +146,13 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
     cfg.max_steps = Some(a.steps);
     let mut peers_ids = Vec::new();
     let mut setups = Vec::new();
-    for n in &swarm.nodes {
+    for (i, n) in swarm.nodes.iter().enumerate() {
         let id = n.peer_id().to_bytes();
-        setups.push(job.setup(&id)?);
+        let peer_job = AlbertJob {
+            gpu: i % a.gpus.max(1),
+            ..job.clone()
+        };
+        setups.push(peer_job.setup(&id)?);
         peers_ids.push(id);
     }
     let t0 = Instant::now();
@@ -165,6 +177,7 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
     let mut loss_num = vec![0.0f64; steps];
     let mut loss_den = vec![0.0f64; steps];
     let mut averaged_steps = 0;
+    let mut averaging_s = 0.0f64;
     for (p, (_, s)) in results.iter().enumerate() {
         for e in &s.events {
             if let StepEvent::Averaged {
@@ -172,9 +185,11 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
                 micro_batches,
                 own_samples,
                 loss,
+                seconds,
                 ..
             } = e
             {
+                averaging_s += seconds;
                 let i = *epoch as usize;
                 if i < steps {
                     plan[i].push((p, *micro_batches));
@@ -244,7 +259,11 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
                     .map(move |(_, k)| (e as u64, *k))
             })
             .collect();
-        let (t, _) = job.setup(id)?;
+        let peer_job = AlbertJob {
+            gpu: p % a.gpus.max(1),
+            ..job.clone()
+        };
+        let (t, _) = peer_job.setup(id)?;
         work.push((t, mine, id.clone()));
     }
     let t2 = Instant::now();
@@ -302,6 +321,7 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
         samples_per_s_compute_only: sps_concurrent,
         collaboration_efficiency: sps / sps_concurrent,
         step_s: swarm_s / a.steps as f64,
+        averaging_fraction: averaging_s / a.peers as f64 / swarm_s,
         loss_at_step,
         loss_single_at_step: loss_single,
         max_param_diff_vs_single: max_diff,
@@ -315,6 +335,10 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
     println!(
         "swarm  {:>8.1} samples/s ({} samples in {:.1} s, {:.2} s per step)",
         sps, swarm_samples, swarm_s, case.step_s
+    );
+    println!(
+        "       {:.1}% of a peer's time between its last micro-batch and the step",
+        100.0 * case.averaging_fraction
     );
     println!(
         "single {:>8.1} samples/s ({} samples in {:.1} s, same micro-batches)",

@@ -36,6 +36,7 @@ fn job(dir: &Path) -> AlbertJob {
         total_steps: 1000,
         seed: 5,
         backend: Default::default(),
+        gpu: 0,
     }
 }
 
