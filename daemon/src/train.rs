@@ -80,7 +80,11 @@ impl TrainConfig {
             checkpoint_every: 1,
             max_state_bytes: 4 << 30,
             bandwidth: 12.5e6,
-            matching: MatchConfig::default(),
+            matching: MatchConfig {
+                // A member that missed its leader learns it within a step, not after 8 s.
+                commit_wait: Duration::from_secs(3),
+                ..MatchConfig::default()
+            },
             drive: DriveConfig::default(),
         }
     }

@@ -152,7 +152,11 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
             gpu: i % a.gpus.max(1),
             ..job.clone()
         };
-        setups.push(peer_job.setup(&id)?);
+        let (mut trainer, source) = peer_job.setup(&id)?;
+        // One micro-batch before the clock starts: GPU kernels compile on first use.
+        trainer.accumulate(&(source)(u64::MAX, 0))?;
+        trainer.reset_accumulator();
+        setups.push((trainer, source));
         peers_ids.push(id);
     }
     let t0 = Instant::now();
@@ -220,7 +224,9 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
         &job.corpus,
         &job.tokenizer,
     )?);
-    let (mut single, _) = job.setup(b"single")?;
+    let (mut single, warm) = job.setup(b"single")?;
+    single.accumulate(&(warm)(u64::MAX, 0))?;
+    single.reset_accumulator();
     let mut loss_single = Vec::new();
     let mut single_samples = 0u64;
     let t1 = Instant::now();
@@ -263,7 +269,9 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
             gpu: p % a.gpus.max(1),
             ..job.clone()
         };
-        let (t, _) = peer_job.setup(id)?;
+        let (mut t, source) = peer_job.setup(id)?;
+        t.accumulate(&(source)(u64::MAX, 0))?;
+        t.reset_accumulator();
         work.push((t, mine, id.clone()));
     }
     let t2 = Instant::now();
