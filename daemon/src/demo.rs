@@ -78,6 +78,7 @@ async fn demo_training(swarm: &LocalSwarm) -> anyhow::Result<TrainingSummary> {
         seed: 7,
         backend: Default::default(),
         gpu: 0,
+        tokenized: Default::default(),
     };
     let n = swarm.nodes.len() as u64;
     let steps = 5;

@@ -1,7 +1,7 @@
 //! `colony train`: join (or start) a collaborative ALBERT pretraining run.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -34,6 +34,9 @@ pub struct AlbertJob {
     pub backend: Backend,
     /// CUDA device index (with `Backend::Cuda`).
     pub gpu: usize,
+    /// The corpus tokenized once, shared by every trainer set up from this job (and its
+    /// clones); filled on first use.
+    pub tokenized: Arc<OnceLock<Arc<TokenizedCorpus>>>,
 }
 
 /// Where a trainer computes.
@@ -69,6 +72,18 @@ impl AlbertJob {
         Ok(t)
     }
 
+    /// The corpus as token ids (tokenized on the first call only).
+    pub fn tokenized_corpus(&self) -> anyhow::Result<Arc<TokenizedCorpus>> {
+        if let Some(tc) = self.tokenized.get() {
+            return Ok(tc.clone());
+        }
+        let tc = TokenizedCorpus::new(&self.corpus, &self.tokenizer)?;
+        if tc.documents.is_empty() {
+            bail!("no document in the corpus has two tokens or more");
+        }
+        Ok(self.tokenized.get_or_init(|| Arc::new(tc)).clone())
+    }
+
     /// This peer's trainer (seeded initial parameters) and its data stream.
     pub fn setup(&self, peer: &[u8]) -> anyhow::Result<(AlbertTrainer, BatchSource<MlmBatch>)> {
         let vocab = self.tokenizer.vocab_size();
@@ -77,10 +92,7 @@ impl AlbertJob {
         if self.seq < 8 || self.seq > cfg.max_positions {
             bail!("--seq must be between 8 and {}", cfg.max_positions);
         }
-        let tc = TokenizedCorpus::new(&self.corpus, &self.tokenizer)?;
-        if tc.documents.is_empty() {
-            bail!("no document in the corpus has two tokens or more");
-        }
+        let tc = self.tokenized_corpus()?;
         let optimizer = OptimizerConfig::Lamb(LambConfig::default());
         let schedule = Schedule::LinearWarmupDecay {
             peak: self.lr,
@@ -105,7 +117,6 @@ impl AlbertJob {
             peer: peer.to_vec(),
         };
         let (mb, seq) = (self.micro_batch, self.seq);
-        let tc = Arc::new(tc);
         let source: BatchSource<MlmBatch> =
             Arc::new(move |epoch, index| sampler.batch(&tc, epoch, index, mb, seq));
         Ok((trainer, source))
@@ -232,6 +243,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
         seed: args.seed,
         backend: args.backend,
         gpu: args.gpu,
+        tokenized: Default::default(),
     };
     let node = crate::node::Node::start(node_cfg).await?;
     let (trainer, source) = job.setup(&node.peer_id().to_bytes())?;

@@ -123,6 +123,7 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
         seed: 1,
         backend: a.backend,
         gpu: 0,
+        tokenized: Default::default(),
     };
 
     if a.single_only {
@@ -220,10 +221,7 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
         .collect();
 
     // The single process: the same micro-batches, one step per global step.
-    let tc = std::sync::Arc::new(colony_trainer::data::mlm::TokenizedCorpus::new(
-        &job.corpus,
-        &job.tokenizer,
-    )?);
+    let tc = job.tokenized_corpus()?;
     let (mut single, warm) = job.setup(b"single")?;
     single.accumulate(&(warm)(u64::MAX, 0))?;
     single.reset_accumulator();
@@ -379,7 +377,7 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
 /// One trainer, no network: `steps` global steps of `target_batch` samples each. Reports
 /// samples/s after a warm-up step (GPU kernels compile on first use).
 fn single_only(a: &TrainBenchArgs, job: &AlbertJob) -> anyhow::Result<()> {
-    let tc = colony_trainer::data::mlm::TokenizedCorpus::new(&job.corpus, &job.tokenizer)?;
+    let tc = job.tokenized_corpus()?;
     let (mut t, _) = job.setup(b"single")?;
     let s = Sampler {
         run_seed: job.seed,

@@ -9,7 +9,7 @@ use colony_daemon::node::Node;
 use colony_daemon::train::{StepEvent, TrainConfig, TrainSummary, train};
 use colony_daemon::train_cli::AlbertJob;
 use colony_trainer::collab::AlbertTrainer;
-use colony_trainer::data::mlm::{Sampler, TokenizedCorpus};
+use colony_trainer::data::mlm::Sampler;
 use colony_trainer::data::text::Corpus;
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +37,7 @@ fn job(dir: &Path) -> AlbertJob {
         seed: 5,
         backend: Default::default(),
         gpu: 0,
+        tokenized: Default::default(),
     }
 }
 
@@ -67,20 +68,32 @@ fn config(steps: u64, checkpoint: Option<PathBuf>) -> TrainConfig {
     c
 }
 
-fn spawn_peer(
-    node: &Node,
-    job: &AlbertJob,
-    cfg: TrainConfig,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<anyhow::Result<(AlbertTrainer, TrainSummary)>> {
+fn spawn_peer(node: &Node, job: &AlbertJob, cfg: TrainConfig, stop: CancellationToken) -> Run {
     let h = node.handle.clone();
     let (trainer, source) = job.setup(&node.peer_id().to_bytes()).unwrap();
     tokio::spawn(async move { train(&h, trainer, source, &cfg, stop).await })
 }
 
+type Run = tokio::task::JoinHandle<anyhow::Result<(AlbertTrainer, TrainSummary)>>;
+
+/// Each run's trainer and summary, in order (a run that fails or takes 5 min fails the test).
+async fn finish(runs: Vec<Run>) -> Vec<(AlbertTrainer, TrainSummary)> {
+    let mut out = Vec::new();
+    for r in runs {
+        out.push(
+            tokio::time::timeout(Duration::from_secs(300), r)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    out
+}
+
 /// Mean loss of `trainer`'s current parameters on fixed held-out batches (no step taken).
 fn held_out_loss(job: &AlbertJob, trainer: &mut AlbertTrainer) -> f32 {
-    let tc = TokenizedCorpus::new(&job.corpus, &job.tokenizer).unwrap();
+    let tc = job.tokenized_corpus().unwrap();
     let s = Sampler {
         run_seed: 99,
         peer: b"held-out".to_vec(),
@@ -116,16 +129,7 @@ async fn three_peers_train_albert_tiny_on_fortunes_and_stay_identical() {
         .iter()
         .map(|n| spawn_peer(n, &job, config(10, None), stop.clone()))
         .collect();
-    let mut results = Vec::new();
-    for r in runs {
-        results.push(
-            tokio::time::timeout(Duration::from_secs(300), r)
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap(),
-        );
-    }
+    let mut results = finish(runs).await;
     for (t, s) in &results {
         assert_eq!(t.epoch(), 10, "{:?}", s.events);
         assert_eq!(
@@ -167,21 +171,8 @@ async fn a_late_joiner_downloads_the_state_and_matches_after_the_next_step() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let joiner = swarm.spawn_node().await.unwrap();
     let late = spawn_peer(&joiner, &job, config(12, None), stop.clone());
-    let (jt, js) = tokio::time::timeout(Duration::from_secs(300), late)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let mut others = Vec::new();
-    for r in runs {
-        others.push(
-            tokio::time::timeout(Duration::from_secs(300), r)
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap(),
-        );
-    }
+    let (jt, js) = finish(vec![late]).await.remove(0);
+    let others = finish(runs).await;
     let downloaded = js
         .events
         .iter()
@@ -278,16 +269,7 @@ async fn peers_killed_mid_accumulation_and_mid_round_cost_only_their_samples() {
     tokio::time::sleep(Duration::from_millis(wait)).await;
     v2.kill();
     victim_runs.remove(0).abort();
-    let mut results = Vec::new();
-    for r in runs {
-        results.push(
-            tokio::time::timeout(Duration::from_secs(300), r)
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap(),
-        );
-    }
+    let results = finish(runs).await;
     for (t, s) in &results {
         assert_eq!(t.epoch(), steps);
         assert_eq!(t.params(), results[0].0.params(), "survivors diverged");

@@ -84,10 +84,6 @@ impl<B: AutodiffBackend, M: Objective<B>> LocalTrainer<B, M> {
             .expect("model is always present between calls")
     }
 
-    pub fn device(&self) -> &B::Device {
-        &self.device
-    }
-
     pub fn fingerprint(&self) -> [u8; 32] {
         self.fingerprint
     }
