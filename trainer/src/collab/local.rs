@@ -160,7 +160,21 @@ impl<B: AutodiffBackend, M: Objective<B>> LocalTrainer<B, M> {
         if grad.iter().any(|x| !x.is_finite()) {
             return Err(TrainError::NonFiniteAverage);
         }
-        let lr = self.schedule.rate(self.opt_state.step);
+        let step = self.opt_state.step;
+        let lr = self.schedule.rate(step);
+        let model = self.model();
+        let frozen = model.frozen(&self.layout, step);
+        let saved: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = frozen
+            .iter()
+            .map(|r| {
+                let moment = |v: &[f32]| v.get(r.clone()).map(<[f32]>::to_vec).unwrap_or_default();
+                (
+                    self.params[r.clone()].to_vec(),
+                    moment(&self.opt_state.first),
+                    moment(&self.opt_state.second),
+                )
+            })
+            .collect();
         self.optimizer.step(
             &self.layout,
             &mut self.params,
@@ -168,6 +182,18 @@ impl<B: AutodiffBackend, M: Objective<B>> LocalTrainer<B, M> {
             &mut self.opt_state,
             lr,
         );
+        for (r, (p, m1, m2)) in frozen.into_iter().zip(saved) {
+            self.params[r.clone()].copy_from_slice(&p);
+            if !m1.is_empty() {
+                self.opt_state.first[r.clone()].copy_from_slice(&m1);
+            }
+            if !m2.is_empty() {
+                self.opt_state.second[r].copy_from_slice(&m2);
+            }
+        }
+        if let Some(m) = &self.model {
+            m.after_step(&self.layout, &mut self.params);
+        }
         self.reload()?;
         self.reset_accumulator();
         Ok(lr)
@@ -308,6 +334,29 @@ where
 /// A boxed ALBERT trainer, CPU or GPU (see [`Trainer`] for why it is boxed here).
 pub type AlbertTrainer = Box<dyn Trainer<Batch = crate::data::mlm::MlmBatch>>;
 
+/// A boxed SwAV trainer, CPU or GPU.
+pub type SwavTrainer = Box<dyn Trainer<Batch = crate::data::images::SwavBatch>>;
+
+/// A trainer of `model` on backend `B`, boxed, starting from `init(layout)`.
+fn boxed_on<B, M>(
+    model: M,
+    optimizer: OptimizerConfig,
+    schedule: Schedule,
+    extra_fingerprint: &[u8],
+    init: impl FnOnce(&crate::params::Layout) -> Vec<f32>,
+    device: B::Device,
+) -> Result<Box<dyn Trainer<Batch = M::Batch>>, TrainError>
+where
+    B: AutodiffBackend,
+    B::Device: Send,
+    M: Objective<B> + Send + 'static,
+{
+    let mut t: LocalTrainer<B, M> =
+        LocalTrainer::new(model, optimizer, schedule, extra_fingerprint, device)?;
+    t.reset_params(init(&t.layout))?;
+    Ok(Box::new(t))
+}
+
 /// An ALBERT trainer on backend `B`, starting from
 /// [`crate::models::albert::seeded_params`] of `seed`.
 fn albert_on<B>(
@@ -322,15 +371,81 @@ where
     B: AutodiffBackend,
     B::Device: Send,
 {
-    let mut t: LocalTrainer<B, crate::models::albert::Albert<B>> = LocalTrainer::new(
+    boxed_on::<B, _>(
         cfg.init::<B>(&device),
         optimizer,
         schedule,
         extra_fingerprint,
+        |l| crate::models::albert::seeded_params(l, seed),
         device,
-    )?;
-    t.reset_params(crate::models::albert::seeded_params(&t.layout, seed))?;
-    Ok(Box::new(t))
+    )
+}
+
+/// A SwAV trainer on backend `B`, starting from [`crate::models::swav::seeded_params`] of
+/// `seed`. The model's configuration is part of its fingerprint.
+fn swav_on<B>(
+    cfg: &crate::models::swav::SwavConfig,
+    optimizer: OptimizerConfig,
+    schedule: Schedule,
+    extra_fingerprint: &[u8],
+    seed: u64,
+    how: crate::models::resnet::ConvImpl,
+    device: B::Device,
+) -> Result<SwavTrainer, TrainError>
+where
+    B: AutodiffBackend,
+    B::Device: Send,
+{
+    let mut extra = extra_fingerprint.to_vec();
+    extra.extend(serde_json::to_vec(cfg).unwrap_or_default());
+    boxed_on::<B, _>(
+        cfg.init::<B>(how, &device),
+        optimizer,
+        schedule,
+        &extra,
+        |l| crate::models::swav::seeded_params(l, seed),
+        device,
+    )
+}
+
+/// A CPU (ndarray) SwAV trainer.
+pub fn swav_cpu(
+    cfg: &crate::models::swav::SwavConfig,
+    optimizer: OptimizerConfig,
+    schedule: Schedule,
+    extra_fingerprint: &[u8],
+    seed: u64,
+) -> Result<SwavTrainer, TrainError> {
+    swav_on::<crate::backend::CpuTrain>(
+        cfg,
+        optimizer,
+        schedule,
+        extra_fingerprint,
+        seed,
+        crate::models::resnet::ConvImpl::Im2col,
+        Default::default(),
+    )
+}
+
+/// A GPU (burn-cuda) SwAV trainer on CUDA device `index`.
+#[cfg(feature = "cuda")]
+pub fn swav_cuda(
+    cfg: &crate::models::swav::SwavConfig,
+    optimizer: OptimizerConfig,
+    schedule: Schedule,
+    extra_fingerprint: &[u8],
+    seed: u64,
+    index: usize,
+) -> Result<SwavTrainer, TrainError> {
+    swav_on::<crate::backend::CudaTrain>(
+        cfg,
+        optimizer,
+        schedule,
+        extra_fingerprint,
+        seed,
+        crate::models::resnet::ConvImpl::Native,
+        burn::backend::cuda::CudaDevice::new(index),
+    )
 }
 
 /// A CPU (ndarray) ALBERT trainer.

@@ -289,31 +289,15 @@ impl<B: Backend> Albert<B> {
 /// parameters without talking to anyone: weights from a normal(0, 0.02) truncated at two
 /// standard deviations, layer-norm scales 1, biases and shifts 0.
 pub fn seeded_params(layout: &crate::params::Layout, seed: u64) -> Vec<f32> {
-    use rand::{Rng, SeedableRng};
-    use sha2::{Digest, Sha256};
-    let mut out = Vec::with_capacity(layout.total);
-    for seg in &layout.segments {
+    use crate::params::Init;
+    crate::params::seeded_init(layout, seed, |seg| {
         let name = seg.path.rsplit('.').next().unwrap_or("");
         if name == "gamma" {
-            out.extend(std::iter::repeat_n(1.0, seg.len));
+            Init::Const(1.0)
         } else if name == "beta" || name == "bias" || seg.path == "mlm_bias" {
-            out.extend(std::iter::repeat_n(0.0, seg.len));
+            Init::Const(0.0)
         } else {
-            let mut h = Sha256::new();
-            h.update(seed.to_le_bytes());
-            h.update(seg.path.as_bytes());
-            let mut rng = rand::rngs::StdRng::from_seed(h.finalize().into());
-            out.extend((0..seg.len).map(|_| {
-                loop {
-                    // Box-Muller; redraw outside ±2σ.
-                    let (u1, u2): (f64, f64) = (rng.r#gen::<f64>().max(1e-300), rng.r#gen());
-                    let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-                    if z.abs() <= 2.0 {
-                        break (z * 0.02) as f32;
-                    }
-                }
-            }));
+            Init::Normal(0.02)
         }
-    }
-    out
+    })
 }

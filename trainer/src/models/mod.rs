@@ -1,3 +1,5 @@
 //! Models, generic over the burn backend.
 
 pub mod albert;
+pub mod resnet;
+pub mod swav;
