@@ -61,7 +61,7 @@ async fn demo_training(swarm: &LocalSwarm) -> anyhow::Result<TrainingSummary> {
     use colony_trainer::data::tokenizer::TextTokenizer;
 
     use crate::train::{StepEvent, TrainConfig, train};
-    use crate::train_cli::AlbertJob;
+    use crate::train_cli::{AlbertJob, TrainJob};
 
     let docs = split_documents(include_str!("../assets/demo_corpus.txt"));
     let corpus = Corpus::from_documents(&docs);

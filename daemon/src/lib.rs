@@ -22,6 +22,7 @@ pub mod netlab;
 pub mod node;
 pub mod storage;
 pub mod swarm;
+pub mod swav_job;
 pub mod train;
 pub mod train_cli;
 

@@ -64,6 +64,10 @@ pub struct TrainConfig {
     pub bandwidth: f64,
     pub matching: MatchConfig,
     pub drive: DriveConfig,
+    /// Delayed parameter updates: once the group is formed, the all-reduce and the optimizer
+    /// step run while this peer computes the next step's micro-batches on the parameters
+    /// before the step (one step stale at most).
+    pub delayed: bool,
 }
 
 impl TrainConfig {
@@ -86,6 +90,7 @@ impl TrainConfig {
                 ..MatchConfig::default()
             },
             drive: DriveConfig::default(),
+            delayed: false,
         }
     }
 }
@@ -110,6 +115,9 @@ pub enum StepEvent {
         zeroed_shards: usize,
         loss: f32,
         seconds: f64,
+        /// Micro-batches of the next step computed while this step's all-reduce ran (delayed
+        /// parameter updates; 0 otherwise).
+        overlapped: u64,
     },
     /// Stepped alone (no other peer at this epoch).
     Alone {
@@ -454,6 +462,7 @@ pub async fn train<Batch: Send + 'static>(
                         down: cfg.bandwidth,
                     };
                     let loss = mean_loss.unwrap_or(f32::NAN);
+                    let mut carry: Option<Carry> = None;
                     // Alone at this epoch (as far as the DHT shows): no matchmaking to wait for.
                     let group = if others_here == 0 && !cfg.client {
                         Ok(None)
@@ -466,7 +475,60 @@ pub async fn train<Batch: Send + 'static>(
                             let peers = group.members.len();
                             let total: f64 = group.spec.weights.iter().sum();
                             let shard_sizes = group.spec.shard_sizes.clone();
-                            match run_round(h, &group, grad, cfg.drive).await {
+                            let round = run_round(h, &group, grad, cfg.drive);
+                            let report = if cfg.delayed {
+                                // The next step's micro-batches, computed while the round runs.
+                                trainer.reset_accumulator();
+                                tokio::pin!(round);
+                                let mut next = Carry::default();
+                                loop {
+                                    local_tx.send_replace(Some(TrainProgress {
+                                        epoch: epoch + 1,
+                                        samples: trainer.samples(),
+                                        ready_at_ms: None,
+                                        loss: None,
+                                        ..progress(0, sps, None, None)
+                                    }));
+                                    let source = batches.clone();
+                                    let index = next.micro;
+                                    let mut job = tokio::task::spawn_blocking(move || {
+                                        let before = trainer.samples();
+                                        let t0 = Instant::now();
+                                        let r = trainer.accumulate(&(source)(epoch + 1, index));
+                                        let n = trainer.samples() - before;
+                                        (trainer, r, n, t0.elapsed())
+                                    });
+                                    let (done, joined) = tokio::select! {
+                                        rep = &mut round => (Some(rep), (&mut job).await),
+                                        j = &mut job => (None, j),
+                                    };
+                                    let (t, r, n, took) = joined
+                                        .map_err(|e| anyhow!("training task panicked: {e}"))?;
+                                    trainer = t;
+                                    next.micro += 1;
+                                    summary.micro_batches += 1;
+                                    summary.samples += n;
+                                    match r {
+                                        Ok(l) => {
+                                            next.loss_sum += f64::from(l);
+                                            next.loss_n += 1;
+                                            let inst = n as f64 / took.as_secs_f64().max(1e-6);
+                                            sps = 0.9 * sps + 0.1 * inst;
+                                        }
+                                        Err(e) => {
+                                            tracing::warn!(run, epoch, "micro-batch skipped: {e}")
+                                        }
+                                    }
+                                    if let Some(rep) = done {
+                                        carry = Some(next);
+                                        break rep;
+                                    }
+                                }
+                            } else {
+                                round.await
+                            };
+                            let overlapped = carry.map_or(0, |c| c.micro);
+                            match report {
                                 Ok(report) => match report.result {
                                     Some(mut avg) => {
                                         let zeroed = report.failed_aggregators.len();
@@ -475,7 +537,11 @@ pub async fn train<Batch: Send + 'static>(
                                             &shard_sizes,
                                             &report.failed_aggregators,
                                         );
-                                        let lr = trainer.apply(&avg)?;
+                                        let lr = if cfg.delayed {
+                                            trainer.apply_keeping_accumulator(&avg)?
+                                        } else {
+                                            trainer.apply(&avg)?
+                                        };
                                         Ok(StepEvent::Averaged {
                                             epoch,
                                             peers,
@@ -486,6 +552,7 @@ pub async fn train<Batch: Send + 'static>(
                                             zeroed_shards: zeroed,
                                             loss,
                                             seconds: t0.elapsed().as_secs_f64(),
+                                            overlapped,
                                         })
                                     }
                                     None => Err("the round gave no result".into()),
@@ -511,9 +578,11 @@ pub async fn train<Batch: Send + 'static>(
                             summary.events.push(ev);
                             ready_at = None;
                             failed_start = None;
-                            loss_sum = 0.0;
-                            loss_n = 0;
-                            micro = 0;
+                            // With delayed updates the next step has begun already.
+                            let next = carry.unwrap_or_default();
+                            loss_sum = next.loss_sum;
+                            loss_n = next.loss_n;
+                            micro = next.micro;
                             publish_state(served, trainer.as_ref());
                             if let Some(path) = &cfg.checkpoint
                                 && trainer.epoch().is_multiple_of(cfg.checkpoint_every.max(1))
@@ -549,6 +618,14 @@ pub async fn train<Batch: Send + 'static>(
     }
     summary_owned.final_epoch = trainer.epoch();
     Ok((trainer, summary_owned))
+}
+
+/// Micro-batches of the next step computed during a delayed update.
+#[derive(Debug, Clone, Copy, Default)]
+struct Carry {
+    micro: u64,
+    loss_sum: f64,
+    loss_n: u64,
 }
 
 /// Zeroes the shards of failed aggregators (every member zeroes the same ones).

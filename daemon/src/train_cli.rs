@@ -1,4 +1,6 @@
-//! `colony train`: join (or start) a collaborative ALBERT pretraining run.
+//! `colony train`: join (or start) a collaborative pretraining run (ALBERT on text, SwAV on
+//! images). A job ([`TrainJob`]) holds everything the peers of a run must agree on and makes
+//! each peer's trainer and data stream.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -6,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use colony_trainer::collab::{AlbertTrainer, albert_cpu};
+use colony_trainer::collab::{AlbertTrainer, Trainer, albert_cpu};
 use colony_trainer::data::mlm::{MlmBatch, Sampler, TokenizedCorpus};
 use colony_trainer::data::text::Corpus;
 use colony_trainer::data::tokenizer::TextTokenizer;
@@ -17,6 +19,30 @@ use colony_trainer::optim::schedule::Schedule;
 use tokio_util::sync::CancellationToken;
 
 use crate::train::{BatchSource, StepEvent, TrainConfig, TrainSummary, train};
+
+/// A pretraining job: what the peers of one run agree on, and how a peer gets its trainer and
+/// its data.
+pub trait TrainJob: Clone + Send + Sync + 'static {
+    type Batch: Send + 'static;
+    /// A trainer with the run's initial parameters.
+    fn trainer(&self) -> anyhow::Result<Box<dyn Trainer<Batch = Self::Batch>>>;
+    /// Peer `peer`'s micro-batches (deterministic in the run seed, the peer, the epoch and the
+    /// index).
+    fn source(&self, peer: &[u8]) -> anyhow::Result<BatchSource<Self::Batch>>;
+    /// Samples per micro-batch.
+    fn micro_batch(&self) -> usize;
+    /// The same job on CUDA device `gpu`.
+    fn on_gpu(&self, gpu: usize) -> Self;
+    fn setup(
+        &self,
+        peer: &[u8],
+    ) -> anyhow::Result<(
+        Box<dyn Trainer<Batch = Self::Batch>>,
+        BatchSource<Self::Batch>,
+    )> {
+        Ok((self.trainer()?, self.source(peer)?))
+    }
+}
 
 /// An ALBERT pretraining job: everything peers of one run must agree on.
 #[derive(Debug, Clone)]
@@ -83,16 +109,18 @@ impl AlbertJob {
         }
         Ok(self.tokenized.get_or_init(|| Arc::new(tc)).clone())
     }
+}
 
-    /// This peer's trainer (seeded initial parameters) and its data stream.
-    pub fn setup(&self, peer: &[u8]) -> anyhow::Result<(AlbertTrainer, BatchSource<MlmBatch>)> {
+impl TrainJob for AlbertJob {
+    type Batch = MlmBatch;
+
+    fn trainer(&self) -> anyhow::Result<AlbertTrainer> {
         let vocab = self.tokenizer.vocab_size();
         let cfg = AlbertConfig::named(&self.size, vocab)
             .with_context(|| format!("unknown ALBERT size {:?} (tiny, base, large)", self.size))?;
         if self.seq < 8 || self.seq > cfg.max_positions {
             bail!("--seq must be between 8 and {}", cfg.max_positions);
         }
-        let tc = self.tokenized_corpus()?;
         let optimizer = OptimizerConfig::Lamb(LambConfig::default());
         let schedule = Schedule::LinearWarmupDecay {
             peak: self.lr,
@@ -108,18 +136,33 @@ impl AlbertJob {
             self.seq,
             hex::encode(self.tokenizer.fingerprint()?),
         ))?;
-        let trainer = match self.backend {
+        Ok(match self.backend {
             Backend::Ndarray => albert_cpu(&cfg, optimizer, schedule, &extra, self.seed)?,
             Backend::Cuda => cuda_trainer(&cfg, optimizer, schedule, &extra, self.seed, self.gpu)?,
-        };
+        })
+    }
+
+    fn source(&self, peer: &[u8]) -> anyhow::Result<BatchSource<MlmBatch>> {
+        let tc = self.tokenized_corpus()?;
         let sampler = Sampler {
             run_seed: self.seed,
             peer: peer.to_vec(),
         };
         let (mb, seq) = (self.micro_batch, self.seq);
-        let source: BatchSource<MlmBatch> =
-            Arc::new(move |epoch, index| sampler.batch(&tc, epoch, index, mb, seq));
-        Ok((trainer, source))
+        Ok(Arc::new(move |epoch, index| {
+            sampler.batch(&tc, epoch, index, mb, seq)
+        }))
+    }
+
+    fn micro_batch(&self) -> usize {
+        self.micro_batch
+    }
+
+    fn on_gpu(&self, gpu: usize) -> Self {
+        Self {
+            gpu,
+            ..self.clone()
+        }
     }
 }
 
@@ -156,13 +199,14 @@ fn cuda_trainer(
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// The run to join or start.
-    #[arg(long, default_value = "albert")]
+    /// The run to join or start (default: the model's name).
+    #[arg(long, default_value = "")]
     pub run: String,
-    /// albert-tiny, albert-base or albert-large.
+    /// albert-tiny|base|large (text) or swav-small|resnet18|resnet50 (images).
     #[arg(long, default_value = "albert-tiny")]
     pub model: String,
-    /// Text corpus: a folder of text/fortune/JSONL files, or one file.
+    /// ALBERT: a folder of text/fortune/JSONL files, or one file. SwAV: `digits`
+    /// (scripts/fetch-data.sh), a digits .csv(.gz), or an image folder.
     #[arg(long)]
     pub data: PathBuf,
     /// tokenizer.json shared by the run (trained on --data and written here when missing).
@@ -173,15 +217,28 @@ pub struct TrainArgs {
     /// Samples the swarm accumulates per global step.
     #[arg(long, default_value_t = 256)]
     pub target_batch: u64,
-    #[arg(long, default_value_t = 16)]
-    pub micro_batch: usize,
+    /// Samples per micro-batch (default: 16 for ALBERT, 32 for SwAV).
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
     #[arg(long, default_value_t = 64)]
     pub seq: usize,
-    /// Peak learning rate (LAMB).
-    #[arg(long, default_value_t = 0.00176)]
-    pub lr: f32,
-    #[arg(long, default_value_t = 100)]
-    pub warmup: u64,
+    /// Peak learning rate (default: 0.00176 with LAMB for ALBERT, 0.6 with LARS for SwAV).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Warm-up steps (default: 100 for ALBERT, 0 for SwAV).
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// SwAV crops, global first: COUNTxSIZE+COUNTxSIZE (default 2x224+6x96; 2x16+4x8 for
+    /// the digits).
+    #[arg(long)]
+    pub crops: Option<String>,
+    /// SwAV on an image folder: the size images are loaded at (default: 8/7 of the global
+    /// crop).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// SwAV: global steps with the prototypes fixed (default: the model's, 313; 50 for small).
+    #[arg(long)]
+    pub freeze_prototypes: Option<u64>,
     /// Global steps of the schedule (the rate decays to zero there).
     #[arg(long, default_value_t = 10_000)]
     pub total_steps: u64,
@@ -200,6 +257,11 @@ pub struct TrainArgs {
     /// Do not accept inbound connections (no shard, no state serving).
     #[arg(long)]
     pub client: bool,
+    /// Delayed parameter updates: compute the next step's micro-batches while the all-reduce
+    /// and the optimizer step run (gradients one step stale at most). Peers of a run should
+    /// agree on it.
+    #[arg(long)]
+    pub delayed_updates: bool,
     /// Checkpoint file (default: <data-dir>/runs/<run>/checkpoint.bin).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
@@ -208,49 +270,81 @@ pub struct TrainArgs {
 }
 
 /// Runs `colony train`.
-pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let size = args
-        .model
-        .strip_prefix("albert-")
-        .with_context(|| {
-            format!(
-                "--model {:?}: only albert-tiny|base|large are trainable for now",
-                args.model
-            )
-        })?
-        .to_string();
+pub async fn run(mut args: TrainArgs) -> anyhow::Result<()> {
+    if args.run.is_empty() {
+        args.run = args.model.clone();
+    }
     let mut node_cfg = args.node.resolve()?;
     if args.node.listen.is_empty() && node_cfg.listen.is_empty() {
         node_cfg.listen = vec!["/ip4/0.0.0.0/udp/0/quic-v1".parse()?];
     }
-    let corpus = Corpus::read(&args.data)
-        .with_context(|| format!("reading --data {}", args.data.display()))?;
     let run_dir = node_cfg.data_dir.join("runs").join(&args.run);
-    let tok_path = args
-        .tokenizer
-        .clone()
-        .unwrap_or_else(|| run_dir.join("tokenizer.json"));
-    let tokenizer = AlbertJob::tokenizer_for(&corpus, &tok_path, args.vocab)?;
-    let job = AlbertJob {
-        size,
-        corpus,
-        tokenizer,
-        micro_batch: args.micro_batch,
-        seq: args.seq,
-        lr: args.lr,
-        warmup: args.warmup,
-        total_steps: args.total_steps,
-        seed: args.seed,
-        backend: args.backend,
-        gpu: args.gpu,
-        tokenized: Default::default(),
-    };
+    if let Some(size) = args.model.strip_prefix("albert-") {
+        let corpus = Corpus::read(&args.data)
+            .with_context(|| format!("reading --data {}", args.data.display()))?;
+        let tok_path = args
+            .tokenizer
+            .clone()
+            .unwrap_or_else(|| run_dir.join("tokenizer.json"));
+        let tokenizer = AlbertJob::tokenizer_for(&corpus, &tok_path, args.vocab)?;
+        let job = AlbertJob {
+            size: size.to_string(),
+            corpus,
+            tokenizer,
+            micro_batch: args.micro_batch.unwrap_or(16),
+            seq: args.seq,
+            lr: args.lr.unwrap_or(0.00176),
+            warmup: args.warmup.unwrap_or(100),
+            total_steps: args.total_steps,
+            seed: args.seed,
+            backend: args.backend,
+            gpu: args.gpu,
+            tokenized: Default::default(),
+        };
+        run_job(&args, node_cfg, &run_dir, job).await
+    } else if let Some(backbone) = args.model.strip_prefix("swav-") {
+        use crate::swav_job::SwavJob;
+        let global = match &args.crops {
+            Some(c) => crate::swav_job::parse_crops(c)?[0].1,
+            None => 224,
+        };
+        let load = args.image_size.unwrap_or(global * 8 / 7);
+        let images = SwavJob::load_images(&args.data, load)?;
+        let augment = SwavJob::augment_for(&images, args.crops.as_deref())?;
+        let job = SwavJob {
+            backbone: backbone.to_string(),
+            images: Arc::new(images),
+            augment,
+            micro_batch: args.micro_batch.unwrap_or(32),
+            lr: args.lr.unwrap_or(0.6),
+            warmup: args.warmup.unwrap_or(0),
+            total_steps: args.total_steps,
+            freeze_prototypes: args.freeze_prototypes,
+            seed: args.seed,
+            backend: args.backend,
+            gpu: args.gpu,
+        };
+        run_job(&args, node_cfg, &run_dir, job).await
+    } else {
+        bail!(
+            "--model {:?}: albert-tiny|base|large or swav-small|resnet18|resnet50",
+            args.model
+        )
+    }
+}
+
+async fn run_job<J: TrainJob>(
+    args: &TrainArgs,
+    node_cfg: crate::config::NodeConfig,
+    run_dir: &Path,
+    job: J,
+) -> anyhow::Result<()> {
     let node = crate::node::Node::start(node_cfg).await?;
     let (trainer, source) = job.setup(&node.peer_id().to_bytes())?;
     eprintln!(
-        "run {} · albert-{} · {} parameters · target batch {} · peer {}",
+        "run {} · {} · {} parameters · target batch {} · peer {}",
         args.run,
-        job.size,
+        args.model,
         trainer.len(),
         args.target_batch,
         node.peer_id()
@@ -258,6 +352,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut cfg = TrainConfig::new(&args.run, args.target_batch);
     cfg.max_steps = args.steps;
     cfg.client = args.client;
+    cfg.delayed = args.delayed_updates;
     cfg.checkpoint = Some(
         args.checkpoint
             .clone()

@@ -11,3 +11,4 @@ pub mod models;
 pub mod optim;
 pub mod params;
 pub use burn;
+pub use image;

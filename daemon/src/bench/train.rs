@@ -1,5 +1,5 @@
-//! `colony bench train`: collaborative ALBERT pretraining, N peers on loopback against one
-//! process doing the same work.
+//! `colony bench train`: collaborative pretraining (ALBERT or SwAV), N peers on loopback
+//! against one process doing the same work.
 //!
 //! The swarm: N real nodes in this process (QUIC/TCP on 127.0.0.1, DHT progress, matchmaking,
 //! all-reduce). The single node: one trainer that replays exactly the micro-batches the swarm
@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use colony_trainer::data::mlm::Sampler;
 use colony_trainer::data::text::Corpus;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::local::{LocalSwarm, LocalSwarmConfig};
+use crate::swav_job::SwavJob;
 use crate::train::{StepEvent, TrainConfig, train};
-use crate::train_cli::AlbertJob;
+use crate::train_cli::{AlbertJob, TrainJob};
 
 #[derive(Debug, Args)]
 pub struct TrainBenchArgs {
@@ -34,21 +34,31 @@ pub struct TrainBenchArgs {
     pub micro_batch: usize,
     #[arg(long, default_value_t = 64)]
     pub seq: usize,
+    /// albert-tiny|base|large or swav-small|resnet18|resnet50.
     #[arg(long, default_value = "albert-tiny")]
     pub model: String,
     #[arg(long, default_value_t = 8000)]
     pub vocab: usize,
-    #[arg(long, default_value_t = 0.01)]
-    pub lr: f32,
-    /// Text corpus (default: Debian's fortunes).
-    #[arg(long, default_value = "/usr/share/games/fortunes")]
-    pub data: PathBuf,
+    /// Peak rate (default: 0.01 for ALBERT, 0.6 for SwAV).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// ALBERT: text corpus (default: Debian's fortunes). SwAV: `digits` (the default), a
+    /// digits CSV or an image folder; a folder of synthetic images is made for `synthetic`.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// SwAV crops, as for `colony train` (default: 2x224+6x96; 2x16+4x8 on the digits).
+    #[arg(long)]
+    pub crops: Option<String>,
     /// ndarray (CPU) or cuda (GPU).
     #[arg(long, value_enum, default_value = "ndarray")]
     pub backend: crate::train_cli::Backend,
     /// GPUs to spread the peers over (peer i uses GPU i mod N) with --backend cuda.
     #[arg(long, default_value_t = 1)]
     pub gpus: usize,
+    /// Delayed parameter updates (the swarm's parameters then differ from the synchronous
+    /// replay's by design).
+    #[arg(long)]
+    pub delayed: bool,
     /// Only time one process (no swarm): the single-device samples/s.
     #[arg(long)]
     pub single_only: bool,
@@ -88,6 +98,9 @@ struct Case {
     loss_single_at_step: Vec<f64>,
     max_param_diff_vs_single: f64,
     averaged_steps: usize,
+    delayed: bool,
+    /// Micro-batches computed while an all-reduce ran (delayed updates), all peers.
+    overlapped_micro_batches: u64,
     cores: usize,
 }
 
@@ -103,36 +116,104 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
     if a.peers < 2 {
         bail!("--peers must be at least 2");
     }
-    let size = a
-        .model
-        .strip_prefix("albert-")
-        .context("only albert-* models for now")?
-        .to_string();
     let dir = tempfile::tempdir()?;
-    let corpus = Corpus::read(&a.data).with_context(|| format!("reading {}", a.data.display()))?;
-    let tokenizer = AlbertJob::tokenizer_for(&corpus, &dir.path().join("tokenizer.json"), a.vocab)?;
-    let job = AlbertJob {
-        size,
-        corpus,
-        tokenizer,
-        micro_batch: a.micro_batch,
-        seq: a.seq,
-        lr: a.lr,
-        warmup: 2,
-        total_steps: 10_000,
-        seed: 1,
-        backend: a.backend,
-        gpu: 0,
-        tokenized: Default::default(),
-    };
+    if let Some(size) = a.model.strip_prefix("albert-") {
+        let data = a
+            .data
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/usr/share/games/fortunes"));
+        let corpus = Corpus::read(&data).with_context(|| format!("reading {}", data.display()))?;
+        let tokenizer =
+            AlbertJob::tokenizer_for(&corpus, &dir.path().join("tokenizer.json"), a.vocab)?;
+        let job = AlbertJob {
+            size: size.to_string(),
+            corpus,
+            tokenizer,
+            micro_batch: a.micro_batch,
+            seq: a.seq,
+            lr: a.lr.unwrap_or(0.01),
+            warmup: 2,
+            total_steps: 10_000,
+            seed: 1,
+            backend: a.backend,
+            gpu: 0,
+            tokenized: Default::default(),
+        };
+        bench_job(&a, dir.path(), job).await
+    } else if let Some(backbone) = a.model.strip_prefix("swav-") {
+        let data = a.data.clone().unwrap_or_else(|| PathBuf::from("digits"));
+        let global = match &a.crops {
+            Some(c) => crate::swav_job::parse_crops(c)?[0].1,
+            None => 224,
+        };
+        let images = if data.as_os_str() == "synthetic" {
+            synthetic_images(&dir.path().join("images"), global * 8 / 7)?
+        } else {
+            SwavJob::load_images(&data, global * 8 / 7)?
+        };
+        let augment = SwavJob::augment_for(&images, a.crops.as_deref())?;
+        let job = SwavJob {
+            backbone: backbone.to_string(),
+            images: std::sync::Arc::new(images),
+            augment,
+            micro_batch: a.micro_batch,
+            lr: a.lr.unwrap_or(0.6),
+            warmup: 2,
+            total_steps: 10_000,
+            freeze_prototypes: None,
+            seed: 1,
+            backend: a.backend,
+            gpu: 0,
+        };
+        bench_job(&a, dir.path(), job).await
+    } else {
+        bail!("--model {:?}: albert-* or swav-*", a.model)
+    }
+}
 
+/// 512 RGB images of random shapes on noise (for timing SwAV where no image folder is at hand;
+/// the content does not change the compute).
+fn synthetic_images(
+    dir: &std::path::Path,
+    size: usize,
+) -> anyhow::Result<colony_trainer::data::images::ImageSet> {
+    use rand::{Rng, SeedableRng};
+    std::fs::create_dir_all(dir)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let side = u32::try_from(size)?;
+    for i in 0..512 {
+        let (cx, cy, r) = (
+            rng.gen_range(0..side),
+            rng.gen_range(0..side),
+            rng.gen_range(side / 8..side / 2),
+        );
+        let colour: [u8; 3] = rng.r#gen();
+        let img = colony_trainer::image::RgbImage::from_fn(side, side, |x, y| {
+            let d = (x as i64 - cx as i64).pow(2) + (y as i64 - cy as i64).pow(2);
+            if d < (r as i64).pow(2) {
+                colony_trainer::image::Rgb(colour)
+            } else {
+                let v: u8 = rng.r#gen();
+                colony_trainer::image::Rgb([v / 2, v / 2, v / 2])
+            }
+        });
+        img.save(dir.join(format!("{i:04}.png")))?;
+    }
+    Ok(colony_trainer::data::images::ImageSet::folder(dir, size)?)
+}
+
+async fn bench_job<J: TrainJob>(
+    a: &TrainBenchArgs,
+    dir: &std::path::Path,
+    job: J,
+) -> anyhow::Result<()> {
     if a.single_only {
-        return single_only(&a, &job);
+        return single_only(a, &job);
     }
 
     // The swarm.
     let swarm = LocalSwarm::start(
-        dir.path(),
+        dir,
         LocalSwarmConfig {
             nodes: a.peers,
             ..Default::default()
@@ -145,15 +226,12 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let mut cfg = TrainConfig::new("bench", a.target_batch);
     cfg.max_steps = Some(a.steps);
+    cfg.delayed = a.delayed;
     let mut peers_ids = Vec::new();
     let mut setups = Vec::new();
     for (i, n) in swarm.nodes.iter().enumerate() {
         let id = n.peer_id().to_bytes();
-        let peer_job = AlbertJob {
-            gpu: i % a.gpus.max(1),
-            ..job.clone()
-        };
-        let (mut trainer, source) = peer_job.setup(&id)?;
+        let (mut trainer, source) = job.on_gpu(i % a.gpus.max(1)).setup(&id)?;
         // One micro-batch before the clock starts: GPU kernels compile on first use.
         trainer.accumulate(&(source)(u64::MAX, 0))?;
         trainer.reset_accumulator();
@@ -183,6 +261,7 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
     let mut loss_den = vec![0.0f64; steps];
     let mut averaged_steps = 0;
     let mut averaging_s = 0.0f64;
+    let mut overlapped_total = 0u64;
     for (p, (_, s)) in results.iter().enumerate() {
         for e in &s.events {
             if let StepEvent::Averaged {
@@ -191,10 +270,12 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
                 own_samples,
                 loss,
                 seconds,
+                overlapped,
                 ..
             } = e
             {
                 averaging_s += seconds;
+                overlapped_total += overlapped;
                 let i = *epoch as usize;
                 if i < steps {
                     plan[i].push((p, *micro_batches));
@@ -221,7 +302,6 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
         .collect();
 
     // The single process: the same micro-batches, one step per global step.
-    let tc = job.tokenized_corpus()?;
     let (mut single, warm) = job.setup(b"single")?;
     single.accumulate(&(warm)(u64::MAX, 0))?;
     single.reset_accumulator();
@@ -232,15 +312,12 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
         let epoch = single.epoch();
         let (mut sum, mut n) = (0.0f64, 0u64);
         for &(p, k) in step {
-            let s = Sampler {
-                run_seed: job.seed,
-                peer: peers_ids[p].clone(),
-            };
+            let source = job.source(&peers_ids[p])?;
             for j in 0..k {
-                let b = s.batch(&tc, epoch, j, job.micro_batch, job.seq);
-                let l = single.accumulate(&b)?;
-                sum += f64::from(l) * b.batch as f64;
-                n += b.batch as u64;
+                let l = single.accumulate(&(source)(epoch, j))?;
+                let mb = job.micro_batch() as u64;
+                sum += f64::from(l) * mb as f64;
+                n += mb;
             }
         }
         single_samples += n;
@@ -263,30 +340,21 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
                     .map(move |(_, k)| (e as u64, *k))
             })
             .collect();
-        let peer_job = AlbertJob {
-            gpu: p % a.gpus.max(1),
-            ..job.clone()
-        };
-        let (mut t, source) = peer_job.setup(id)?;
+        let (mut t, source) = job.on_gpu(p % a.gpus.max(1)).setup(id)?;
         t.accumulate(&(source)(u64::MAX, 0))?;
         t.reset_accumulator();
-        work.push((t, mine, id.clone()));
+        work.push((t, mine, source));
     }
     let t2 = Instant::now();
     let mut threads = Vec::new();
-    for (mut t, mine, id) in work {
-        let (tc, seed, mb, seq) = (tc.clone(), job.seed, job.micro_batch, job.seq);
+    for (mut t, mine, source) in work {
+        let mb = job.micro_batch() as u64;
         threads.push(std::thread::spawn(move || -> anyhow::Result<u64> {
-            let s = Sampler {
-                run_seed: seed,
-                peer: id,
-            };
             let mut n = 0;
             for (e, k) in mine {
                 for j in 0..k {
-                    let b = s.batch(&tc, e, j, mb, seq);
-                    t.accumulate(&b)?;
-                    n += b.batch as u64;
+                    t.accumulate(&(source)(e, j))?;
+                    n += mb;
                 }
                 t.reset_accumulator();
             }
@@ -332,6 +400,8 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
         loss_single_at_step: loss_single,
         max_param_diff_vs_single: max_diff,
         averaged_steps,
+        delayed: a.delayed,
+        overlapped_micro_batches: overlapped_total,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     println!(
@@ -368,6 +438,11 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
         println!("{i:>4}   {x:>10.4}   {y:>11.4}");
     }
     println!("max |param swarm − param single| = {max_diff:.3e}");
+    if a.delayed {
+        println!(
+            "delayed updates: {overlapped_total} micro-batches computed during all-reduces (the drift above is by design)"
+        );
+    }
     if let Some(p) = &a.json {
         super::write_json(p, "train", &[case])?;
     }
@@ -376,14 +451,9 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
 
 /// One trainer, no network: `steps` global steps of `target_batch` samples each. Reports
 /// samples/s after a warm-up step (GPU kernels compile on first use).
-fn single_only(a: &TrainBenchArgs, job: &AlbertJob) -> anyhow::Result<()> {
-    let tc = job.tokenized_corpus()?;
-    let (mut t, _) = job.setup(b"single")?;
-    let s = Sampler {
-        run_seed: job.seed,
-        peer: b"single".to_vec(),
-    };
-    let per_step = (a.target_batch as usize).div_ceil(job.micro_batch) as u64;
+fn single_only<J: TrainJob>(a: &TrainBenchArgs, job: &J) -> anyhow::Result<()> {
+    let (mut t, source) = job.setup(b"single")?;
+    let per_step = (a.target_batch as usize).div_ceil(job.micro_batch()) as u64;
     let mut timed = 0u64;
     let mut t0 = Instant::now();
     let mut losses = Vec::new();
@@ -394,9 +464,8 @@ fn single_only(a: &TrainBenchArgs, job: &AlbertJob) -> anyhow::Result<()> {
         }
         let mut sum = 0.0;
         for j in 0..per_step {
-            let b = s.batch(&tc, step, j, job.micro_batch, job.seq);
-            sum += t.accumulate(&b)?;
-            timed += b.batch as u64;
+            sum += t.accumulate(&(source)(step, j))?;
+            timed += job.micro_batch() as u64;
         }
         losses.push(sum / per_step as f32);
         let g = t.mean_gradient();

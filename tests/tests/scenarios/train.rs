@@ -7,7 +7,7 @@ use std::time::Duration;
 use colony_daemon::local::{LocalSwarm, LocalSwarmConfig};
 use colony_daemon::node::Node;
 use colony_daemon::train::{StepEvent, TrainConfig, TrainSummary, train};
-use colony_daemon::train_cli::AlbertJob;
+use colony_daemon::train_cli::{AlbertJob, TrainJob};
 use colony_trainer::collab::AlbertTrainer;
 use colony_trainer::data::mlm::Sampler;
 use colony_trainer::data::text::Corpus;
@@ -367,4 +367,112 @@ fn colony_train_runs_across_processes_and_resumes_from_its_checkpoint() {
         "did not resume at step 4: {log}"
     );
     assert!(log.contains("reached global step 5"), "{log}");
+}
+
+/// SwAV on the real digits (scripts/fetch-data.sh) across two in-process peers: every step is
+/// averaged, the peers end on identical parameters, and the loss falls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_peers_train_swav_small_on_digits_and_stay_identical() {
+    use colony_daemon::swav_job::{SwavJob, default_digits};
+    let dir = tempfile::tempdir().unwrap();
+    let images = SwavJob::load_images(Path::new("digits"), 16).unwrap_or_else(|e| {
+        panic!(
+            "{e:#} ({}; scripts/fetch-data.sh fetches it)",
+            default_digits().display()
+        )
+    });
+    let augment = SwavJob::augment_for(&images, None).unwrap();
+    let job = SwavJob {
+        backbone: "small".into(),
+        images: std::sync::Arc::new(images),
+        augment,
+        micro_batch: 8,
+        lr: 0.6,
+        warmup: 0,
+        total_steps: 1000,
+        freeze_prototypes: None,
+        seed: 2,
+        backend: Default::default(),
+        gpu: 0,
+    };
+    let swarm = swarm(2, dir.path()).await;
+    let stop = CancellationToken::new();
+    let mut cfg = config(6, None);
+    cfg.run = "digits".into();
+    cfg.target_batch = 32;
+    let runs: Vec<_> = swarm
+        .nodes
+        .iter()
+        .map(|n| {
+            let h = n.handle.clone();
+            let (trainer, source) = job.setup(&n.peer_id().to_bytes()).unwrap();
+            let (cfg, stop) = (cfg.clone(), stop.clone());
+            tokio::spawn(async move { train(&h, trainer, source, &cfg, stop).await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for r in runs {
+        results.push(
+            tokio::time::timeout(Duration::from_secs(300), r)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    swarm.shutdown().await;
+    for (t, s) in &results {
+        assert_eq!(t.epoch(), 6, "{:?}", s.events);
+        assert_eq!(t.params(), results[0].0.params());
+        assert!(averaged(&s.events) >= 5, "{:?}", s.events);
+    }
+    let losses: Vec<f32> = results[0]
+        .1
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            StepEvent::Averaged { loss, .. } => Some(*loss),
+            _ => None,
+        })
+        .collect();
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    assert!(last < first - 0.3, "loss {losses:?}");
+}
+
+/// Delayed parameter updates: three peers compute the next step's micro-batches while each
+/// all-reduce runs, still take every step together, end identical, and the loss falls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delayed_updates_overlap_the_all_reduce_and_peers_stay_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let swarm = swarm(3, dir.path()).await;
+    let (mut fresh, _) = job.setup(b"probe").unwrap();
+    let before = held_out_loss(&job, &mut fresh);
+    let stop = CancellationToken::new();
+    let mut cfg = config(8, None);
+    cfg.delayed = true;
+    let runs: Vec<_> = swarm
+        .nodes
+        .iter()
+        .map(|n| spawn_peer(n, &job, cfg.clone(), stop.clone()))
+        .collect();
+    let mut results = finish(runs).await;
+    swarm.shutdown().await;
+    let mut overlapped = 0;
+    for (t, s) in &results {
+        assert_eq!(t.epoch(), 8, "{:?}", s.events);
+        assert_eq!(t.params(), results[0].0.params());
+        assert!(averaged(&s.events) >= 7, "{:?}", s.events);
+        overlapped += s
+            .events
+            .iter()
+            .map(|e| match e {
+                StepEvent::Averaged { overlapped, .. } => *overlapped,
+                _ => 0,
+            })
+            .sum::<u64>();
+    }
+    assert!(overlapped > 0, "no micro-batch overlapped an all-reduce");
+    let after = held_out_loss(&job, &mut results[0].0);
+    assert!(after < before - 0.3, "held-out loss {before} -> {after}");
 }

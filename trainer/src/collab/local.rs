@@ -151,6 +151,19 @@ impl<B: AutodiffBackend, M: Objective<B>> LocalTrainer<B, M> {
     /// One optimizer step with `grad` (the swarm's average) at the schedule's rate for the
     /// current global step; the accumulator is cleared. Returns the rate used.
     pub fn apply(&mut self, grad: &[f32]) -> Result<f32, TrainError> {
+        let lr = self.step_with(grad)?;
+        self.reset_accumulator();
+        Ok(lr)
+    }
+
+    /// [`Self::apply`] without clearing the accumulator: for delayed parameter updates, where
+    /// the micro-batches of the next step were computed while this step's gradient was being
+    /// averaged (on the parameters before it).
+    pub fn apply_keeping_accumulator(&mut self, grad: &[f32]) -> Result<f32, TrainError> {
+        self.step_with(grad)
+    }
+
+    fn step_with(&mut self, grad: &[f32]) -> Result<f32, TrainError> {
         if grad.len() != self.layout.total {
             return Err(TrainError::GradientLength {
                 expected: self.layout.total,
@@ -195,7 +208,6 @@ impl<B: AutodiffBackend, M: Objective<B>> LocalTrainer<B, M> {
             m.after_step(&self.layout, &mut self.params);
         }
         self.reload()?;
-        self.reset_accumulator();
         Ok(lr)
     }
 
@@ -285,6 +297,8 @@ pub trait Trainer: Send {
     fn mean_gradient(&self) -> Vec<f32>;
     fn reset_accumulator(&mut self);
     fn apply(&mut self, grad: &[f32]) -> Result<f32, TrainError>;
+    /// A step that keeps the accumulated micro-batches (delayed parameter updates).
+    fn apply_keeping_accumulator(&mut self, grad: &[f32]) -> Result<f32, TrainError>;
     fn state(&self) -> TrainState;
     fn restore(&mut self, s: TrainState) -> Result<(), TrainError>;
 }
@@ -322,6 +336,9 @@ where
     }
     fn apply(&mut self, grad: &[f32]) -> Result<f32, TrainError> {
         LocalTrainer::apply(self, grad)
+    }
+    fn apply_keeping_accumulator(&mut self, grad: &[f32]) -> Result<f32, TrainError> {
+        LocalTrainer::apply_keeping_accumulator(self, grad)
     }
     fn state(&self) -> TrainState {
         LocalTrainer::state(self)
