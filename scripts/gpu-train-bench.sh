@@ -5,6 +5,9 @@
 #         mkdir -p .cache/fortunes && cp /usr/share/games/fortunes/* .cache/fortunes/ && rm .cache/fortunes/*.{dat,u8}
 # There:  scripts/gpu-train-bench.sh single   (one GPU: albert-tiny and albert-base samples/s)
 #         scripts/gpu-train-bench.sh pair     (two GPUs of one host: 2 peers, communication share)
+#         scripts/gpu-train-bench.sh swav     (one GPU: swav-resnet18 samples/s, synthetic images)
+#         scripts/gpu-train-bench.sh swav-pair (two GPUs: swav-resnet18, without and with delayed
+#                                               parameter updates)
 # carrying target-cuda/release/colony and .cache/fortunes. Results go to $OUT (or /tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,5 +26,15 @@ pair)
   "$bin" bench train --backend cuda --gpus 2 --peers 2 --model albert-base --data "$data" \
     --target-batch 512 --micro-batch 64 --seq 128 --steps 6 --lr 0.00176 --json "$out/gpu-albert-base-pair.json"
   ;;
-*) echo "usage: $0 single|pair" >&2; exit 2 ;;
+swav)
+  "$bin" bench train --backend cuda --single-only --model swav-resnet18 --data synthetic \
+    --target-batch 256 --micro-batch 64 --steps 5 --json "$out/gpu-swav-resnet18.json"
+  ;;
+swav-pair)
+  for d in "" --delayed; do
+    "$bin" bench train --backend cuda --gpus 2 --peers 2 --model swav-resnet18 --data synthetic \
+      --target-batch 512 --micro-batch 64 --steps 4 $d --json "$out/gpu-swav-resnet18-pair${d}.json"
+  done
+  ;;
+*) echo "usage: $0 single|pair|swav|swav-pair" >&2; exit 2 ;;
 esac

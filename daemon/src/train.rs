@@ -260,6 +260,9 @@ pub async fn train<Batch: Send + 'static>(
     let started = Instant::now();
     // Duration of the last micro-batch (ms): how close to the start one more fits.
     let mut micro_ms = 0u64;
+    // The next micro-batch, made while the current one computes (data is ready when the
+    // compute is; SwAV's crops take a while).
+    let mut prefetched: Option<((u64, u64), tokio::task::JoinHandle<Batch>)> = None;
 
     // Progress goes to and comes from the DHT in the background: the loop never waits on it.
     let tracker_stop = stop.child_token();
@@ -371,8 +374,19 @@ pub async fn train<Batch: Send + 'static>(
             if compute {
                 let t0 = Instant::now();
                 let before = trainer.samples();
-                let batch = (batches)(epoch, micro);
+                // The batch made ahead while the last micro-batch computed, if it is this one.
+                let batch = match prefetched.take() {
+                    Some((key, job)) if key == (epoch, micro) => job
+                        .await
+                        .map_err(|e| anyhow!("batch task panicked: {e}"))?,
+                    _ => (batches)(epoch, micro),
+                };
                 let t_batch = t0.elapsed();
+                let source = batches.clone();
+                prefetched = Some((
+                    (epoch, micro + 1),
+                    tokio::task::spawn_blocking(move || (source)(epoch, micro + 1)),
+                ));
                 let (t, r) = tokio::task::spawn_blocking(move || {
                     let t1 = Instant::now();
                     let r = trainer.accumulate(&batch);

@@ -457,6 +457,7 @@ fn single_only<J: TrainJob>(a: &TrainBenchArgs, job: &J) -> anyhow::Result<()> {
     let mut timed = 0u64;
     let mut t0 = Instant::now();
     let mut losses = Vec::new();
+    let (mut data_s, mut compute_s) = (0.0f64, 0.0f64);
     for step in 0..=a.steps {
         if step == 1 {
             t0 = Instant::now();
@@ -464,7 +465,14 @@ fn single_only<J: TrainJob>(a: &TrainBenchArgs, job: &J) -> anyhow::Result<()> {
         }
         let mut sum = 0.0;
         for j in 0..per_step {
-            sum += t.accumulate(&(source)(step, j))?;
+            let d0 = Instant::now();
+            let b = (source)(step, j);
+            let d1 = Instant::now();
+            sum += t.accumulate(&b)?;
+            if step > 0 {
+                data_s += (d1 - d0).as_secs_f64();
+                compute_s += d1.elapsed().as_secs_f64();
+            }
             timed += job.micro_batch() as u64;
         }
         losses.push(sum / per_step as f32);
@@ -484,6 +492,10 @@ fn single_only<J: TrainJob>(a: &TrainBenchArgs, job: &J) -> anyhow::Result<()> {
         secs / a.steps as f64,
         losses
     );
+    println!(
+        "  of which making batches {data_s:.2} s, forward+backward+gradient copy {compute_s:.2} s, the rest (optimizer, parameter upload) {:.2} s",
+        secs - data_s - compute_s
+    );
     if let Some(p) = &a.json {
         super::write_json(
             p,
@@ -498,6 +510,8 @@ fn single_only<J: TrainJob>(a: &TrainBenchArgs, job: &J) -> anyhow::Result<()> {
                 "seq": a.seq,
                 "samples_per_s_single": sps,
                 "step_s": secs / a.steps as f64,
+                "data_s": data_s,
+                "compute_s": compute_s,
                 "loss_single_at_step": losses,
             })],
         )?;

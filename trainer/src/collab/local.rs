@@ -460,7 +460,7 @@ pub fn swav_cuda(
         schedule,
         extra_fingerprint,
         seed,
-        crate::models::resnet::ConvImpl::Native,
+        crate::models::resnet::ConvImpl::for_cuda(),
         burn::backend::cuda::CudaDevice::new(index),
     )
 }

@@ -373,28 +373,54 @@ impl Sampler {
         size: usize,
     ) -> SwavBatch {
         let mut rng = self.rng(epoch, index);
-        let picks: Vec<usize> = (0..size).map(|_| rng.gen_range(0..set.len())).collect();
+        let picks: Vec<(usize, [u8; 32])> = (0..size)
+            .map(|_| (rng.gen_range(0..set.len()), rng.r#gen()))
+            .collect();
+        // Each image's crops come from its own generator, so images are cut on all cores and
+        // the result does not depend on how many there are.
+        let per_image = |&(pick, seed): &(usize, [u8; 32])| -> Vec<Vec<f32>> {
+            let mut rng = <StdRng as rand::SeedableRng>::from_seed(seed);
+            let src = to_unit(set.image(pick));
+            let mut out = Vec::with_capacity(aug.views());
+            for (g, spec) in aug.crops.iter().enumerate() {
+                for _ in 0..spec.count {
+                    let mut v = vec![0.0f32; set.channels * spec.size * spec.size];
+                    crop(set, &src, spec, aug, g == 0, &mut rng, &mut v);
+                    out.push(v);
+                }
+            }
+            out
+        };
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(size.max(1));
+        let chunk = size.div_ceil(threads).max(1);
+        let cut: Vec<Vec<Vec<f32>>> = std::thread::scope(|sc| {
+            let handles: Vec<_> = picks
+                .chunks(chunk)
+                .map(|part| sc.spawn(move || part.iter().map(per_image).collect::<Vec<_>>()))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        let mut view = 0;
         let groups = aug
             .crops
             .iter()
-            .enumerate()
-            .map(|(g, spec)| {
+            .map(|spec| {
                 let per = set.channels * spec.size * spec.size;
                 let mut data = vec![0.0f32; spec.count * size * per];
                 for v in 0..spec.count {
-                    for (i, &pick) in picks.iter().enumerate() {
+                    for (i, views) in cut.iter().enumerate() {
                         let at = (v * size + i) * per;
-                        crop(
-                            set,
-                            pick,
-                            spec,
-                            aug,
-                            g == 0,
-                            &mut rng,
-                            &mut data[at..at + per],
-                        );
+                        if let Some(src) = views.get(view + v) {
+                            data[at..at + per].copy_from_slice(src);
+                        }
                     }
                 }
+                view += spec.count;
                 CropGroup {
                     size: spec.size,
                     views: spec.count,
@@ -448,10 +474,10 @@ fn to_unit(img: &[u8]) -> Vec<f32> {
     img.iter().map(|&p| f32::from(p) / 255.0).collect()
 }
 
-/// One augmented view of image `pick` into `out` ([C, s, s]).
+/// One augmented view of an image of `set` (`src`, on the 0–1 scale) into `out` ([C, s, s]).
 fn crop(
     set: &ImageSet,
-    pick: usize,
+    src: &[f32],
     spec: &CropSpec,
     aug: &Augment,
     global: bool,
@@ -474,9 +500,8 @@ fn crop(
     let x0 = rng.gen_range(0.0..=(n - w).max(0.0));
     let y0 = rng.gen_range(0.0..=(n - h).max(0.0));
     let flip = rng.r#gen::<f32>() < aug.flip;
-    let src = to_unit(set.image(pick));
     resample(
-        &src,
+        src,
         set.channels,
         set.size,
         (x0, y0, w, h),

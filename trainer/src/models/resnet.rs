@@ -29,6 +29,17 @@ pub enum ConvImpl {
     Im2col,
 }
 
+impl ConvImpl {
+    /// On burn-cuda: im2col unless `COLONY_CONV=native` (the backend's own convolution; both
+    /// give the same results, see BENCHMARKS.md for their speeds).
+    pub fn for_cuda() -> Self {
+        match std::env::var("COLONY_CONV").as_deref() {
+            Ok("native") => Self::Native,
+            _ => Self::Im2col,
+        }
+    }
+}
+
 /// A bias-free k×k convolution with padding k/2, weight [out, in, k, k].
 #[derive(Module, Debug)]
 pub struct Conv<B: Backend> {
