@@ -376,9 +376,9 @@ pub async fn train<Batch: Send + 'static>(
                 let before = trainer.samples();
                 // The batch made ahead while the last micro-batch computed, if it is this one.
                 let batch = match prefetched.take() {
-                    Some((key, job)) if key == (epoch, micro) => job
-                        .await
-                        .map_err(|e| anyhow!("batch task panicked: {e}"))?,
+                    Some((key, job)) if key == (epoch, micro) => {
+                        job.await.map_err(|e| anyhow!("batch task panicked: {e}"))?
+                    }
                     _ => (batches)(epoch, micro),
                 };
                 let t_batch = t0.elapsed();

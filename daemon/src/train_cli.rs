@@ -20,6 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::train::{BatchSource, StepEvent, TrainConfig, TrainSummary, train};
 
+/// A peer's trainer and its micro-batches.
+pub type Setup<Batch> = (Box<dyn Trainer<Batch = Batch>>, BatchSource<Batch>);
+
 /// A pretraining job: what the peers of one run agree on, and how a peer gets its trainer and
 /// its data.
 pub trait TrainJob: Clone + Send + Sync + 'static {
@@ -33,13 +36,7 @@ pub trait TrainJob: Clone + Send + Sync + 'static {
     fn micro_batch(&self) -> usize;
     /// The same job on CUDA device `gpu`.
     fn on_gpu(&self, gpu: usize) -> Self;
-    fn setup(
-        &self,
-        peer: &[u8],
-    ) -> anyhow::Result<(
-        Box<dyn Trainer<Batch = Self::Batch>>,
-        BatchSource<Self::Batch>,
-    )> {
+    fn setup(&self, peer: &[u8]) -> anyhow::Result<Setup<Self::Batch>> {
         Ok((self.trainer()?, self.source(peer)?))
     }
 }

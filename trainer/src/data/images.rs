@@ -500,15 +500,7 @@ fn crop(
     let x0 = rng.gen_range(0.0..=(n - w).max(0.0));
     let y0 = rng.gen_range(0.0..=(n - h).max(0.0));
     let flip = rng.r#gen::<f32>() < aug.flip;
-    resample(
-        src,
-        set.channels,
-        set.size,
-        (x0, y0, w, h),
-        spec,
-        flip,
-        out,
-    );
+    resample(src, set.channels, set.size, (x0, y0, w, h), spec, flip, out);
     let plane = spec.size * spec.size;
     if rng.r#gen::<f32>() < aug.jitter_p && aug.jitter > 0.0 {
         let s = aug.jitter;

@@ -30,12 +30,12 @@ pub enum ConvImpl {
 }
 
 impl ConvImpl {
-    /// On burn-cuda: im2col unless `COLONY_CONV=native` (the backend's own convolution; both
-    /// give the same results, see BENCHMARKS.md for their speeds).
+    /// On burn-cuda: the backend's convolution, unless `COLONY_CONV=im2col` (same results;
+    /// im2col was measured several times slower there, see BENCHMARKS.md).
     pub fn for_cuda() -> Self {
         match std::env::var("COLONY_CONV").as_deref() {
-            Ok("native") => Self::Native,
-            _ => Self::Im2col,
+            Ok("im2col") => Self::Im2col,
+            _ => Self::Native,
         }
     }
 }
