@@ -201,3 +201,27 @@ fn loss_goes_down_when_training_alone() {
     let last = t.accumulate(&probe).unwrap();
     assert!(last < first - 0.2, "loss {first} -> {last}");
 }
+
+/// Delayed parameter updates: the step taken with a gradient while the next micro-batches
+/// were accumulating equals the plain step, and keeps those micro-batches.
+#[test]
+fn a_delayed_step_keeps_the_next_micro_batches() {
+    let (tc, cfg) = setup();
+    let (mut a, mut b) = (trainer(&cfg), trainer(&cfg));
+    b.restore(a.state()).unwrap();
+    let now = batches(&tc, 0, 0, &[8]);
+    let next = batches(&tc, 0, 1, &[4]);
+    for t in [&mut a, &mut b] {
+        t.accumulate(&now[0]).unwrap();
+    }
+    let g = a.mean_gradient();
+    a.reset_accumulator();
+    a.accumulate(&next[0]).unwrap();
+    let pending = a.mean_gradient();
+    a.apply_keeping_accumulator(&g).unwrap();
+    b.apply(&g).unwrap();
+    assert_eq!(a.params(), b.params());
+    assert_eq!(a.epoch(), 1);
+    assert_eq!(a.samples(), 4);
+    assert_eq!(a.mean_gradient(), pending);
+}
