@@ -102,30 +102,22 @@ impl SwavJob {
     /// The multi-crop recipe: `crops` if given (the ImageNet recipe's scales and colour
     /// distortion), else the digits recipe for 8×8 digits and SwAV's 2×224+6×96 otherwise.
     pub fn augment_for(images: &ImageSet, crops: Option<&str>) -> anyhow::Result<Augment> {
-        let Some(spec) = crops else {
-            return Ok(if images.channels == 1 && images.size <= 16 {
-                Augment::digits()
-            } else {
-                Augment::imagenet()
-            });
-        };
-        let groups = parse_crops(spec)?;
         let mut aug = if images.channels == 1 && images.size <= 16 {
             Augment::digits()
         } else {
             Augment::imagenet()
         };
+        let Some(spec) = crops else {
+            return Ok(aug);
+        };
         let (g, l) = (aug.crops[0].clone(), aug.crops[1].clone());
-        aug.crops = groups
+        aug.crops = parse_crops(spec)?
             .iter()
             .enumerate()
-            .map(|(i, &(count, size))| {
-                let base = if i == 0 { &g } else { &l };
-                CropSpec {
-                    count,
-                    size,
-                    ..base.clone()
-                }
+            .map(|(i, &(count, size))| CropSpec {
+                count,
+                size,
+                ..(if i == 0 { &g } else { &l }).clone()
             })
             .collect();
         Ok(aug)

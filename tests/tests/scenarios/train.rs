@@ -8,7 +8,7 @@ use colony_daemon::local::{LocalSwarm, LocalSwarmConfig};
 use colony_daemon::node::Node;
 use colony_daemon::train::{StepEvent, TrainConfig, TrainSummary, train};
 use colony_daemon::train_cli::{AlbertJob, TrainJob};
-use colony_trainer::collab::AlbertTrainer;
+use colony_trainer::collab::{AlbertTrainer, Trainer};
 use colony_trainer::data::mlm::Sampler;
 use colony_trainer::data::text::Corpus;
 use tokio_util::sync::CancellationToken;
@@ -68,16 +68,22 @@ fn config(steps: u64, checkpoint: Option<PathBuf>) -> TrainConfig {
     c
 }
 
-fn spawn_peer(node: &Node, job: &AlbertJob, cfg: TrainConfig, stop: CancellationToken) -> Run {
+fn spawn_peer<J: TrainJob>(
+    node: &Node,
+    job: &J,
+    cfg: TrainConfig,
+    stop: CancellationToken,
+) -> Run<J::Batch> {
     let h = node.handle.clone();
     let (trainer, source) = job.setup(&node.peer_id().to_bytes()).unwrap();
     tokio::spawn(async move { train(&h, trainer, source, &cfg, stop).await })
 }
 
-type Run = tokio::task::JoinHandle<anyhow::Result<(AlbertTrainer, TrainSummary)>>;
+type Finished<B> = (Box<dyn Trainer<Batch = B>>, TrainSummary);
+type Run<B> = tokio::task::JoinHandle<anyhow::Result<Finished<B>>>;
 
 /// Each run's trainer and summary, in order (a run that fails or takes 5 min fails the test).
-async fn finish(runs: Vec<Run>) -> Vec<(AlbertTrainer, TrainSummary)> {
+async fn finish<B>(runs: Vec<Run<B>>) -> Vec<Finished<B>> {
     let mut out = Vec::new();
     for r in runs {
         out.push(
@@ -403,23 +409,9 @@ async fn two_peers_train_swav_small_on_digits_and_stay_identical() {
     let runs: Vec<_> = swarm
         .nodes
         .iter()
-        .map(|n| {
-            let h = n.handle.clone();
-            let (trainer, source) = job.setup(&n.peer_id().to_bytes()).unwrap();
-            let (cfg, stop) = (cfg.clone(), stop.clone());
-            tokio::spawn(async move { train(&h, trainer, source, &cfg, stop).await })
-        })
+        .map(|n| spawn_peer(n, &job, cfg.clone(), stop.clone()))
         .collect();
-    let mut results = Vec::new();
-    for r in runs {
-        results.push(
-            tokio::time::timeout(Duration::from_secs(300), r)
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap(),
-        );
-    }
+    let results = finish(runs).await;
     swarm.shutdown().await;
     for (t, s) in &results {
         assert_eq!(t.epoch(), 6, "{:?}", s.events);

@@ -44,6 +44,8 @@ pub struct ImageSet {
     /// Per-channel mean and standard deviation over the set, on the 0–1 scale.
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
+    /// SHA-256 of the shapes and pixels, computed once at load.
+    fingerprint: [u8; 32],
 }
 
 impl ImageSet {
@@ -68,6 +70,10 @@ impl ImageSet {
             .zip(&mean)
             .map(|(s, m)| ((s / count - m * m).max(0.0).sqrt().max(1e-3)) as f32)
             .collect();
+        let mut h = Sha256::new();
+        h.update((channels as u64).to_le_bytes());
+        h.update((size as u64).to_le_bytes());
+        h.update(&pixels);
         Self {
             channels,
             size,
@@ -75,6 +81,7 @@ impl ImageSet {
             labels,
             mean: mean.iter().map(|&m| m as f32).collect(),
             std,
+            fingerprint: h.finalize().into(),
         }
     }
 
@@ -94,11 +101,7 @@ impl ImageSet {
 
     /// SHA-256 of the shapes and pixels: peers of one run must train on the same set.
     pub fn fingerprint(&self) -> [u8; 32] {
-        let mut h = Sha256::new();
-        h.update((self.channels as u64).to_le_bytes());
-        h.update((self.size as u64).to_le_bytes());
-        h.update(&self.pixels);
-        h.finalize().into()
+        self.fingerprint
     }
 
     /// scikit-learn's `digits.csv.gz` (or the same CSV uncompressed): 1797 rows of 64 pixel
@@ -330,11 +333,6 @@ impl Augment {
     /// Views per image.
     pub fn views(&self) -> usize {
         self.crops.iter().map(|c| c.count).sum()
-    }
-
-    /// Views codes are computed on.
-    pub fn global_views(&self) -> usize {
-        self.crops.first().map_or(0, |c| c.count)
     }
 }
 

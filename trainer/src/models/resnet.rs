@@ -462,6 +462,29 @@ mod tests {
         }
     }
 
+    /// The measurement behind `ConvImpl::Im2col` (ARCHITECTURE.md, "SwAV"): prints forward and
+    /// forward+backward times of one 3×3 layer both ways; asserts nothing.
+    /// `cargo test -p colony-trainer --lib conv_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn conv_speed() {
+        use crate::backend::CpuTrain;
+        let d = Default::default();
+        for how in [ConvImpl::Native, ConvImpl::Im2col] {
+            let conv = Conv::<CpuTrain>::new(16, 16, 3, 1, how, &d);
+            let x = Tensor::<CpuTrain, 4>::ones([128, 16, 16, 16], &d).require_grad();
+            let t0 = std::time::Instant::now();
+            let y = conv.forward(x);
+            let _ = y.clone().sum().into_data();
+            let fwd = t0.elapsed();
+            let _ = y.sum().backward();
+            eprintln!(
+                "{how:?}: forward {fwd:?}, forward+backward {:?}",
+                t0.elapsed()
+            );
+        }
+    }
+
     #[test]
     fn batch_norm_normalises_each_channel() {
         let d = Default::default();
