@@ -297,12 +297,17 @@ impl Matchmaker {
     ) -> anyhow::Result<Option<Group>> {
         let me = self.h.peer_id();
         let key = DhtKey::run_group(&self.run, epoch)?;
+        let deadline_ms = crate::clock::now_ms()
+            + deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis() as u64;
         let decl = GroupDeclaration {
             mode: to_wire(offer.mode),
             weight: offer.weight,
             up: offer.up,
             down: offer.down,
             len: len as u64,
+            deadline_ms,
         };
         let ttl = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(120);
         let value = colony_protocol::encode(&decl, colony_protocol::names::MAX_VALUE_BYTES)?;
@@ -312,7 +317,13 @@ impl Matchmaker {
         tokio::time::sleep_until(deadline).await;
 
         let lead = lock(&self.state).leader.is_none();
-        if lead && let Some(group) = self.try_lead(epoch, len, offer, &key, cfg).await? {
+        let attempt = Attempt {
+            epoch,
+            len,
+            deadline_ms,
+            tolerance_ms: cfg.commit_wait.as_millis() as u64,
+        };
+        if lead && let Some(group) = self.try_lead(attempt, offer, &key, cfg).await? {
             return Ok(Some(group));
         }
         // Follow: wait for the commit of the leader this peer joined.
@@ -339,15 +350,15 @@ impl Matchmaker {
     /// the group. `None` when it is not a leader (or leads nobody).
     async fn try_lead(
         &self,
-        epoch: u64,
-        len: usize,
+        attempt: Attempt,
         offer: Offer,
         key: &DhtKey,
         cfg: &MatchConfig,
     ) -> anyhow::Result<Option<Group>> {
+        let Attempt { epoch, len, .. } = attempt;
         let me = self.h.peer_id();
         let mut decls = match self.h.dht_get(key).await {
-            Ok(got) => declarations(&got.entries, len),
+            Ok(got) => declarations(&got.entries, attempt),
             Err(e) => {
                 tracing::warn!(run = %self.run, epoch, "cannot read declarations: {e:#}");
                 Vec::new()
@@ -516,8 +527,23 @@ fn peer_ids(members: &[Vec<u8>]) -> Vec<PeerId> {
         .collect()
 }
 
-/// The valid declarations among `entries` for a vector of `len` values.
-fn declarations(entries: &[colony_protocol::DhtEntry], len: usize) -> Vec<Declaration> {
+/// Which matchmaking attempt a peer is in: declarations of other attempts are ignored.
+#[derive(Clone, Copy, Debug)]
+struct Attempt {
+    epoch: u64,
+    /// Elements in the vector.
+    len: usize,
+    /// When this peer reads the declarations (unix ms).
+    deadline_ms: u64,
+    /// How far another peer's deadline may lie from ours and still be this attempt (peers
+    /// agree on the start through the DHT, so they differ by a refresh at most; a failed
+    /// attempt is followed by the next one no sooner than the commit wait).
+    tolerance_ms: u64,
+}
+
+/// The valid declarations among `entries` for `attempt` (same vector length, a deadline
+/// near ours).
+fn declarations(entries: &[colony_protocol::DhtEntry], attempt: Attempt) -> Vec<Declaration> {
     entries
         .iter()
         .filter_map(|e| {
@@ -527,7 +553,12 @@ fn declarations(entries: &[colony_protocol::DhtEntry], len: usize) -> Vec<Declar
             let peer = peer_id_of(pk).ok()?;
             let d: GroupDeclaration =
                 colony_protocol::decode(&e.value, colony_protocol::names::MAX_VALUE_BYTES).ok()?;
-            (d.len == len as u64).then(|| Declaration {
+            let same = d.len == attempt.len as u64
+                && d.deadline_ms.abs_diff(attempt.deadline_ms) <= attempt.tolerance_ms;
+            if !same {
+                tracing::debug!(%peer, len = d.len, deadline_ms = d.deadline_ms, "declaration of another attempt ignored");
+            }
+            same.then(|| Declaration {
                 peer: peer.to_bytes(),
                 mode: from_wire(d.mode),
                 weight: d.weight,

@@ -86,6 +86,10 @@ pub struct GroupDeclaration {
     pub down: f64,
     /// Elements in the vector to average: peers only group with equal lengths.
     pub len: u64,
+    /// The attempt: when this peer reads the declarations (unix ms). A declaration left
+    /// from an earlier attempt at the same epoch (its peer gone, or grouped and moved on)
+    /// is ignored by peers whose deadline lies far from it.
+    pub deadline_ms: u64,
 }
 
 /// How aggregators combine the copies of a part, on the wire.

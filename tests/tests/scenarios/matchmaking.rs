@@ -224,3 +224,63 @@ async fn commits_from_a_peer_that_was_not_accepted_are_declined() {
     );
     mm.close().await;
 }
+
+/// Peers that fail to group at an epoch try again later; the first attempt's declarations are
+/// still in the DHT (their peers grouped and moved on, or died). The second attempt must not
+/// count on them: here the stale peers have the lowest ids and would lead every plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn declarations_of_an_earlier_attempt_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let swarm = swarm(4, dir.path()).await;
+    let mut order: Vec<usize> = (0..4).collect();
+    order.sort_by_key(|&i| swarm.nodes[i].peer_id().to_bytes());
+    let cfg = MatchConfig {
+        commit_wait: Duration::from_secs(2),
+        ..config(None)
+    };
+    let offer = Offer {
+        mode: Node,
+        weight: 1.0,
+        up: 1e6,
+        down: 1e6,
+    };
+    let attempt = |who: Vec<usize>, deadline: Instant| {
+        let cfg = cfg.clone();
+        let swarm = &swarm;
+        async move {
+            let calls = who.into_iter().map(|i| {
+                let cfg = cfg.clone();
+                async move {
+                    let mm = Matchmaker::new(swarm.nodes[i].handle.clone(), "retry")
+                        .await
+                        .unwrap();
+                    let g = mm
+                        .form_group(5, 1_000, offer, deadline, &cfg)
+                        .await
+                        .unwrap();
+                    mm.close().await;
+                    g
+                }
+            });
+            futures::future::join_all(calls).await
+        }
+    };
+    // First attempt: only the two lowest ids declare, and they group.
+    let first = attempt(order[..2].to_vec(), Instant::now() + Duration::from_secs(1)).await;
+    for g in &first {
+        assert_eq!(g.as_ref().expect("the first pair groups").members.len(), 2);
+    }
+    // Second attempt at the same epoch, later than the commit wait: the other two must group
+    // with each other rather than wait for a commit from a stale declarer.
+    let second = attempt(order[2..].to_vec(), Instant::now() + Duration::from_secs(3)).await;
+    let want: Vec<_> = order[2..]
+        .iter()
+        .map(|&i| swarm.nodes[i].peer_id())
+        .collect();
+    for g in &second {
+        let g = g.as_ref().expect("the second pair groups");
+        let mut members = g.members.clone();
+        members.sort_by_key(|p| p.to_bytes());
+        assert_eq!(members, want);
+    }
+}
