@@ -32,7 +32,8 @@ use libp2p::PeerId;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::allreduce::{DriveConfig, run_round};
+use crate::allreduce::{DriveConfig, run_round_measured};
+use crate::bandwidth::{self, Direction, Monitor};
 use crate::clock::now_ms;
 use crate::handle::{NodeHandle, peer_id_of};
 use crate::matchmaking::{MatchConfig, Matchmaker, Offer};
@@ -60,8 +61,15 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Largest state snapshot accepted from peers.
     pub max_state_bytes: usize,
-    /// Declared bandwidth (bytes/s) for the all-reduce's shard sizes.
+    /// Bandwidth (bytes/s each way) declared for the all-reduce's shard sizes until this
+    /// peer has measured its own (a probe once others are seen, then every round's transfers:
+    /// `bandwidth::Monitor`).
     pub bandwidth: f64,
+    /// The volunteer's upload and download caps (bytes/s): the measured figures never exceed
+    /// them.
+    pub bandwidth_cap: (Option<f64>, Option<f64>),
+    /// How long each way the first bandwidth probe runs (None: no probe, rounds only).
+    pub probe: Option<Duration>,
     pub matching: MatchConfig,
     pub drive: DriveConfig,
     /// Delayed parameter updates: once the group is formed, the all-reduce and the optimizer
@@ -84,6 +92,8 @@ impl TrainConfig {
             checkpoint_every: 1,
             max_state_bytes: 4 << 30,
             bandwidth: 12.5e6,
+            bandwidth_cap: (None, None),
+            probe: Some(Duration::from_secs(1)),
             matching: MatchConfig {
                 // A member that missed its leader learns it within a step, not after 8 s.
                 commit_wait: Duration::from_secs(3),
@@ -99,7 +109,8 @@ impl TrainConfig {
 pub type BatchSource<Batch> = Arc<dyn Fn(u64, u64) -> Batch + Send + Sync>;
 
 /// What happened at one global step, as this peer saw it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
 pub enum StepEvent {
     /// Averaged with `peers` members (this one included) over `samples` samples.
     Averaged {
@@ -113,6 +124,7 @@ pub enum StepEvent {
         lr: f32,
         /// Shards applied as zero because their aggregator failed.
         zeroed_shards: usize,
+        #[serde(with = "nan_as_null")]
         loss: f32,
         seconds: f64,
         /// Micro-batches of the next step computed while this step's all-reduce ran (delayed
@@ -123,6 +135,7 @@ pub enum StepEvent {
     Alone {
         epoch: u64,
         lr: f32,
+        #[serde(with = "nan_as_null")]
         loss: f32,
         micro_batches: u64,
     },
@@ -136,13 +149,37 @@ pub enum StepEvent {
     Skipped { epoch: u64, why: String },
 }
 
-/// Outcome of a training session.
-#[derive(Debug, Clone, Default)]
+/// A peer whose probe measured nothing probes again no sooner than this.
+const PROBE_AGAIN_AFTER: Duration = Duration::from_secs(60);
+
+/// Outcome of a training session (`colony train --summary` writes it as JSON).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct TrainSummary {
     pub events: Vec<StepEvent>,
     pub final_epoch: u64,
     pub samples: u64,
     pub micro_batches: u64,
+    /// When training began (after the checkpoint was read) and ended, unix ms.
+    pub started_ms: u64,
+    pub finished_ms: u64,
+}
+
+/// A loss is NaN where a peer computed no micro-batch; JSON has no NaN, so it is written as
+/// null (and read back as NaN).
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(x: &f32, s: S) -> Result<S::Ok, S::Error> {
+        if x.is_finite() {
+            s.serialize_f32(*x)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+        Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
+    }
 }
 
 /// Snapshots this peer serves (the current one and the one before, so a download that
@@ -247,7 +284,18 @@ pub async fn train<Batch: Send + 'static>(
     let mm_owned = Matchmaker::new(h.clone(), run).await?;
     let mm = &mm_owned;
 
-    let mut summary_owned = TrainSummary::default();
+    // This peer's bandwidth: probed in the background once others are seen (and again when
+    // a round runs far slower than planned), kept up by every round's transfers.
+    let bw = Arc::new(Mutex::new(Monitor::new(
+        cfg.bandwidth_cap.0,
+        cfg.bandwidth_cap.1,
+    )));
+    let mut probing: Option<(Instant, tokio::task::JoinHandle<()>)> = None;
+
+    let mut summary_owned = TrainSummary {
+        started_ms: now_ms(),
+        ..TrainSummary::default()
+    };
     let summary = &mut summary_owned;
     let mut sps = 0.0f64;
     let mut loss_sum = 0.0f64;
@@ -280,6 +328,7 @@ pub async fn train<Batch: Send + 'static>(
         tracker_stop.clone(),
     ));
 
+    let probe_stop = tracker_stop.clone();
     let result: anyhow::Result<Box<dyn Trainer<Batch = Batch>>> = async move {
         loop {
             if stop.is_cancelled() || cfg.max_steps.is_some_and(|m| trainer.epoch() >= m) {
@@ -301,6 +350,38 @@ pub async fn train<Batch: Send + 'static>(
             let mean_loss = (loss_n > 0).then(|| (loss_sum / loss_n as f64) as f32);
             local_tx.send_replace(Some(progress(trainer.samples(), sps, ready_at, mean_loss)));
             let records: Vec<PeerProgress> = records_rx.borrow().clone();
+            if let Some(each) = cfg.probe {
+                let idle = probing
+                    .as_ref()
+                    .is_none_or(|(at, t)| t.is_finished() && at.elapsed() > PROBE_AGAIN_AFTER);
+                let others: Vec<libp2p::PeerId> = records
+                    .iter()
+                    .filter(|r| r.peer != me.to_bytes() && !r.client)
+                    .filter_map(|r| libp2p::PeerId::from_bytes(&r.peer).ok())
+                    .collect();
+                if idle && !others.is_empty() && lock(&bw).needs_probe(tokio::time::Instant::now())
+                {
+                    let (h, bw, quit) = (h.clone(), bw.clone(), probe_stop.clone());
+                    let task = tokio::spawn(async move {
+                        let chunk = 64 * 1024;
+                        let measure = async {
+                            let up =
+                                bandwidth::probe(&h, &others, Direction::Up, each, chunk).await;
+                            let down =
+                                bandwidth::probe(&h, &others, Direction::Down, each, chunk).await;
+                            (up, down)
+                        };
+                        tokio::select! {
+                            () = quit.cancelled() => {}
+                            (up, down) = measure => {
+                                tracing::info!(up, down, "probed this peer's bandwidth (bytes/s)");
+                                lock(&bw).after_probe(up, down, tokio::time::Instant::now());
+                            }
+                        }
+                    });
+                    probing = Some((Instant::now(), task));
+                }
+            }
             let mut decision = {
                 let now = now_ms();
                 let stale = (cfg.window + cfg.matching.commit_wait).as_millis() as u64;
@@ -465,6 +546,10 @@ pub async fn train<Batch: Send + 'static>(
                     let samples = trainer.samples();
                     let grad = trainer.mean_gradient();
                     let len = grad.len();
+                    let (up, down) = {
+                        let bw = lock(&bw);
+                        (bw.up.get(), bw.down.get())
+                    };
                     let offer = Offer {
                         mode: if cfg.client {
                             PeerMode::Client
@@ -472,8 +557,8 @@ pub async fn train<Batch: Send + 'static>(
                             PeerMode::Node
                         },
                         weight: samples as f64,
-                        up: cfg.bandwidth,
-                        down: cfg.bandwidth,
+                        up: up.unwrap_or(cfg.bandwidth),
+                        down: down.unwrap_or(cfg.bandwidth),
                     };
                     let loss = mean_loss.unwrap_or(f32::NAN);
                     let mut carry: Option<Carry> = None;
@@ -489,7 +574,7 @@ pub async fn train<Batch: Send + 'static>(
                             let peers = group.members.len();
                             let total: f64 = group.spec.weights.iter().sum();
                             let shard_sizes = group.spec.shard_sizes.clone();
-                            let round = run_round(h, &group, grad, cfg.drive);
+                            let round = run_round_measured(h, &group, grad, cfg.drive);
                             let report = if cfg.delayed {
                                 // The next step's micro-batches, computed while the round runs.
                                 trainer.reset_accumulator();
@@ -541,6 +626,10 @@ pub async fn train<Batch: Send + 'static>(
                             } else {
                                 round.await
                             };
+                            let report = report.map(|(r, moved)| {
+                                lock(&bw).observe_round(&moved);
+                                r
+                            });
                             let overlapped = carry.map_or(0, |c| c.micro);
                             match report {
                                 Ok(report) => match report.result {
@@ -622,6 +711,7 @@ pub async fn train<Batch: Send + 'static>(
 
     tracker_stop.cancel();
     let _ = tracker.await;
+
     mm_owned.close().await;
     if !cfg.client {
         h.unregister_state_handler(run.to_string()).await;
@@ -631,6 +721,7 @@ pub async fn train<Batch: Send + 'static>(
         save_checkpoint(path, &trainer.state())?;
     }
     summary_owned.final_epoch = trainer.epoch();
+    summary_owned.finished_ms = now_ms();
     Ok((trainer, summary_owned))
 }
 

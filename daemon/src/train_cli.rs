@@ -262,6 +262,16 @@ pub struct TrainArgs {
     /// Checkpoint file (default: <data-dir>/runs/<run>/checkpoint.bin).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
+    /// Upload this peer may use, Mbit/s (its measured bandwidth is capped at it).
+    #[arg(long)]
+    pub max_upload_mbit: Option<f64>,
+    /// Download this peer may use, Mbit/s.
+    #[arg(long)]
+    pub max_download_mbit: Option<f64>,
+    /// Write what happened (this peer's id, every global step, samples, times) as JSON here
+    /// when training ends.
+    #[arg(long)]
+    pub summary: Option<PathBuf>,
     #[command(flatten)]
     pub node: crate::cli::NodeArgs,
 }
@@ -337,7 +347,8 @@ async fn run_job<J: TrainJob>(
     job: J,
 ) -> anyhow::Result<()> {
     let node = crate::node::Node::start(node_cfg).await?;
-    let (trainer, source) = job.setup(&node.peer_id().to_bytes())?;
+    let me = node.peer_id();
+    let (trainer, source) = job.setup(&me.to_bytes())?;
     eprintln!(
         "run {} · {} · {} parameters · target batch {} · peer {}",
         args.run,
@@ -350,6 +361,14 @@ async fn run_job<J: TrainJob>(
     cfg.max_steps = args.steps;
     cfg.client = args.client;
     cfg.delayed = args.delayed_updates;
+    let bytes_per_s = |mbit: Option<f64>| mbit.map(|m| m * 1e6 / 8.0);
+    cfg.bandwidth_cap = (
+        bytes_per_s(args.max_upload_mbit),
+        bytes_per_s(args.max_download_mbit),
+    );
+    if let Some(up) = cfg.bandwidth_cap.0 {
+        cfg.bandwidth = cfg.bandwidth.min(up);
+    }
     cfg.checkpoint = Some(
         args.checkpoint
             .clone()
@@ -376,7 +395,28 @@ async fn run_job<J: TrainJob>(
     node.shutdown().await;
     let (_, summary) = result?;
     print_summary(&summary, t0.elapsed());
+    if let Some(path) = &args.summary {
+        let doc = PeerSummary {
+            peer: me.to_string(),
+            run: args.run.clone(),
+            model: args.model.clone(),
+            summary,
+        };
+        crate::storage::write_atomic(path, &serde_json::to_vec_pretty(&doc)?, 0o644)
+            .with_context(|| format!("writing --summary {}", path.display()))?;
+    }
     Ok(())
+}
+
+/// The file `colony train --summary` writes.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct PeerSummary {
+    /// This peer's id (base58).
+    pub peer: String,
+    pub run: String,
+    pub model: String,
+    #[serde(flatten)]
+    pub summary: TrainSummary,
 }
 
 async fn progress_line(

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::local::{LocalSwarm, LocalSwarmConfig};
 use crate::swav_job::SwavJob;
-use crate::train::{StepEvent, TrainConfig, train};
+use crate::train::{StepEvent, TrainConfig, TrainSummary, train};
 use crate::train_cli::{AlbertJob, TrainJob};
 
 #[derive(Debug, Args)]
@@ -65,6 +65,17 @@ pub struct TrainBenchArgs {
     /// A smaller run (under a minute on 2 cores), same code path.
     #[arg(long)]
     pub quick: bool,
+    /// Run the peers as `colony train` processes, each in its own network namespace on
+    /// shaped links (needs root): `none` (namespaces, no shaping) or an all-reduce profile
+    /// (uniform, hetero, asym, clients), whose 8 links are sampled evenly for --peers.
+    #[arg(long)]
+    pub links: Option<String>,
+    /// Multiplies the profile's rates.
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// Second octet of the namespaces' addresses (10.NET.0.x).
+    #[arg(long, default_value_t = 47)]
+    pub net: u8,
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -102,6 +113,13 @@ struct Case {
     /// Micro-batches computed while an all-reduce ran (delayed updates), all peers.
     overlapped_micro_batches: u64,
     cores: usize,
+    /// Where the peers ran: "in-process" (loopback) or "processes in namespaces".
+    setup: &'static str,
+    /// Each peer's shaped (up, down) Mbit/s, when shaped.
+    links_mbit: Vec<(f64, f64)>,
+    /// The peers' training start times spread over this many seconds (processes start
+    /// one after another).
+    start_spread_s: f64,
 }
 
 pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
@@ -123,15 +141,26 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| PathBuf::from("/usr/share/games/fortunes"));
         let corpus = Corpus::read(&data).with_context(|| format!("reading {}", data.display()))?;
-        let tokenizer =
-            AlbertJob::tokenizer_for(&corpus, &dir.path().join("tokenizer.json"), a.vocab)?;
+        let tok_path = dir.path().join("tokenizer.json");
+        let tokenizer = AlbertJob::tokenizer_for(&corpus, &tok_path, a.vocab)?;
+        let lr = a.lr.unwrap_or(0.01);
+        let cli = strings(&[
+            "--data",
+            &data.to_string_lossy(),
+            "--tokenizer",
+            &tok_path.to_string_lossy(),
+            "--seq",
+            &a.seq.to_string(),
+            "--lr",
+            &lr.to_string(),
+        ]);
         let job = AlbertJob {
             size: size.to_string(),
             corpus,
             tokenizer,
             micro_batch: a.micro_batch,
             seq: a.seq,
-            lr: a.lr.unwrap_or(0.01),
+            lr,
             warmup: 2,
             total_steps: 10_000,
             seed: 1,
@@ -139,25 +168,31 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
             gpu: 0,
             tokenized: Default::default(),
         };
-        bench_job(&a, dir.path(), job).await
+        bench_job(&a, dir.path(), job, cli).await
     } else if let Some(backbone) = a.model.strip_prefix("swav-") {
         let data = a.data.clone().unwrap_or_else(|| PathBuf::from("digits"));
         let global = match &a.crops {
             Some(c) => crate::swav_job::parse_crops(c)?[0].1,
             None => 224,
         };
-        let images = if data.as_os_str() == "synthetic" {
-            synthetic_images(&dir.path().join("images"), global * 8 / 7)?
+        let (images, data) = if data.as_os_str() == "synthetic" {
+            let folder = dir.path().join("images");
+            (synthetic_images(&folder, global * 8 / 7)?, folder)
         } else {
-            SwavJob::load_images(&data, global * 8 / 7)?
+            (SwavJob::load_images(&data, global * 8 / 7)?, data)
         };
+        let lr = a.lr.unwrap_or(0.6);
+        let mut cli = strings(&["--data", &data.to_string_lossy(), "--lr", &lr.to_string()]);
+        if let Some(c) = &a.crops {
+            cli.extend(strings(&["--crops", c]));
+        }
         let augment = SwavJob::augment_for(&images, a.crops.as_deref())?;
         let job = SwavJob {
             backbone: backbone.to_string(),
             images: std::sync::Arc::new(images),
             augment,
             micro_batch: a.micro_batch,
-            lr: a.lr.unwrap_or(0.6),
+            lr,
             warmup: 2,
             total_steps: 10_000,
             freeze_prototypes: None,
@@ -165,7 +200,7 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
             backend: a.backend,
             gpu: 0,
         };
-        bench_job(&a, dir.path(), job).await
+        bench_job(&a, dir.path(), job, cli).await
     } else {
         bail!("--model {:?}: albert-* or swav-*", a.model)
     }
@@ -202,16 +237,64 @@ fn synthetic_images(
     Ok(colony_trainer::data::images::ImageSet::folder(dir, size)?)
 }
 
+fn strings(xs: &[&str]) -> Vec<String> {
+    xs.iter().map(|s| s.to_string()).collect()
+}
+
+/// What the swarm did, however it ran.
+struct SwarmRun {
+    /// The peers' ids (bytes), in the order of `summaries`.
+    ids: Vec<Vec<u8>>,
+    summaries: Vec<TrainSummary>,
+    /// From the first peer's start to the last peer's end.
+    seconds: f64,
+    /// Peer 0's parameters at the end.
+    params0: Vec<f32>,
+    setup: &'static str,
+    links_mbit: Vec<(f64, f64)>,
+    start_spread_s: f64,
+}
+
+/// `cli`: the `colony train` flags that make the same job in another process.
 async fn bench_job<J: TrainJob>(
     a: &TrainBenchArgs,
     dir: &std::path::Path,
     job: J,
+    cli: Vec<String>,
 ) -> anyhow::Result<()> {
     if a.single_only {
         return single_only(a, &job);
     }
+    let run = match &a.links {
+        None => in_process(a, dir, &job).await?,
+        Some(profile) => {
+            let (a2, dir2, profile) = (clone_args(a), dir.to_path_buf(), profile.clone());
+            tokio::task::spawn_blocking(move || in_namespaces(&a2, &dir2, &profile, &cli))
+                .await
+                .context("the namespace swarm panicked")??
+        }
+    };
+    analyse(a, &job, run)
+}
 
-    // The swarm.
+fn clone_args(a: &TrainBenchArgs) -> TrainBenchArgs {
+    TrainBenchArgs {
+        data: a.data.clone(),
+        crops: a.crops.clone(),
+        json: a.json.clone(),
+        links: a.links.clone(),
+        lr: a.lr,
+        model: a.model.clone(),
+        ..*a
+    }
+}
+
+/// N real nodes in this process on loopback.
+async fn in_process<J: TrainJob>(
+    a: &TrainBenchArgs,
+    dir: &std::path::Path,
+    job: &J,
+) -> anyhow::Result<SwarmRun> {
     let swarm = LocalSwarm::start(
         dir,
         LocalSwarmConfig {
@@ -227,7 +310,7 @@ async fn bench_job<J: TrainJob>(
     let mut cfg = TrainConfig::new("bench", a.target_batch);
     cfg.max_steps = Some(a.steps);
     cfg.delayed = a.delayed;
-    let mut peers_ids = Vec::new();
+    let mut ids = Vec::new();
     let mut setups = Vec::new();
     for (i, n) in swarm.nodes.iter().enumerate() {
         let id = n.peer_id().to_bytes();
@@ -236,7 +319,7 @@ async fn bench_job<J: TrainJob>(
         trainer.accumulate(&(source)(u64::MAX, 0))?;
         trainer.reset_accumulator();
         setups.push((trainer, source));
-        peers_ids.push(id);
+        ids.push(id);
     }
     let t0 = Instant::now();
     let mut tasks = Vec::new();
@@ -250,9 +333,201 @@ async fn bench_job<J: TrainJob>(
     for t in tasks {
         results.push(t.await.context("a peer's task failed")??);
     }
-    let swarm_s = t0.elapsed().as_secs_f64();
+    let seconds = t0.elapsed().as_secs_f64();
     swarm.shutdown().await;
-    let swarm_samples: u64 = results.iter().map(|(_, s)| s.samples).sum();
+    let params0 = results[0].0.params().to_vec();
+    Ok(SwarmRun {
+        ids,
+        summaries: results.into_iter().map(|(_, s)| s).collect(),
+        seconds,
+        params0,
+        setup: "in-process",
+        links_mbit: Vec::new(),
+        start_spread_s: 0.0,
+    })
+}
+
+/// The links of `profile` for `n` peers: its 8 sampled evenly, fastest and slowest included.
+fn links_for(profile: &str, n: usize, scale: f64) -> anyhow::Result<Vec<(f64, f64, bool)>> {
+    if profile == "none" {
+        return Ok(vec![(f64::INFINITY, f64::INFINITY, false); n]);
+    }
+    let all = crate::bench::allreduce::profile(profile)?;
+    Ok((0..n)
+        .map(|i| {
+            let l = &all[i * (all.len() - 1) / (n - 1).max(1)];
+            (l.up_mbit * scale, l.down_mbit * scale, l.mode == "client")
+        })
+        .collect())
+}
+
+/// N `colony train` processes, each in its own network namespace with shaped links.
+fn in_namespaces(
+    a: &TrainBenchArgs,
+    dir: &std::path::Path,
+    profile: &str,
+    cli: &[String],
+) -> anyhow::Result<SwarmRun> {
+    use std::process::{Command, Stdio};
+
+    if !crate::netlab::available() {
+        bail!("--links needs root and `ip netns` (network namespaces)");
+    }
+    let links = links_for(profile, a.peers, a.scale)?;
+    let lab = crate::netlab::NetLab::new(&format!("tb{}", a.net), a.net, a.peers)?;
+    for (i, &(up, down, _)) in links.iter().enumerate() {
+        if up.is_finite() {
+            lab.shape(i, (up * 1e6) as u64, (down * 1e6) as u64)?;
+        }
+    }
+    let exe = std::env::current_exe().context("cannot find the colony binary")?;
+    // Keys made here, so the bootstrap address (peer 0's) is known before anything starts.
+    let mut peers = Vec::new();
+    for i in 0..a.peers {
+        let data = dir.join(format!("peer-{i}"));
+        std::fs::create_dir_all(&data)?;
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        crate::identity::write(&crate::storage::DataDir::new(&data).node_key(), &key)?;
+        peers.push((data, key.public().to_peer_id()));
+    }
+    let boot = format!(
+        "/ip4/{}/udp/4001/quic-v1/p2p/{}",
+        lab.hosts[0].ip, peers[0].1
+    );
+    let mut children = Vec::new();
+    for (i, (data, _)) in peers.iter().enumerate() {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &lab.hosts[i].ns])
+            .arg(&exe)
+            .arg("train")
+            .args(cli)
+            .args(["--model", &a.model, "--run", "bench"])
+            .args(["--target-batch", &a.target_batch.to_string()])
+            .args(["--micro-batch", &a.micro_batch.to_string()])
+            .args(["--steps", &a.steps.to_string()])
+            .args(["--warmup", "2", "--total-steps", "10000", "--seed", "1"])
+            .args(["--http", "off", "--reachability", "public"])
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--checkpoint")
+            .arg(data.join("checkpoint.bin"))
+            .arg("--summary")
+            .arg(data.join("summary.json"));
+        if links[i].2 {
+            cmd.arg("--client");
+        } else {
+            cmd.args([
+                "--listen",
+                &format!("/ip4/{}/udp/4001/quic-v1", lab.hosts[i].ip),
+            ]);
+        }
+        if i > 0 {
+            cmd.args(["--bootstrap", &boot]);
+        }
+        if a.delayed {
+            cmd.arg("--delayed-updates");
+        }
+        let log = std::fs::File::create(data.join("log.txt"))?;
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start `colony train` in a namespace")?;
+        children.push(KillOnDrop(child));
+        if i == 0 {
+            // Peer 0 must listen before the others dial it.
+            wait_for_log(&data.join("log.txt"), "· peer ", Duration::from_secs(60))?;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60 + 60 * a.steps);
+    for (i, c) in children.iter_mut().enumerate() {
+        let log = peers[i].0.join("log.txt");
+        let status = loop {
+            if let Some(s) = c.0.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "peer {i} did not finish in time; its log ({}):\n{}",
+                    log.display(),
+                    tail(&log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        if !status.success() {
+            bail!("peer {i} failed ({status}):\n{}", tail(&log));
+        }
+    }
+    let mut summaries = Vec::new();
+    let mut ids = Vec::new();
+    for (data, id) in &peers {
+        let path = data.join("summary.json");
+        let doc: crate::train_cli::PeerSummary = serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        )
+        .with_context(|| format!("{} is not a training summary", path.display()))?;
+        ids.push(id.to_bytes());
+        summaries.push(doc.summary);
+    }
+    let first = summaries.iter().map(|s| s.started_ms).min().unwrap_or(0);
+    let last_start = summaries.iter().map(|s| s.started_ms).max().unwrap_or(0);
+    let end = summaries.iter().map(|s| s.finished_ms).max().unwrap_or(0);
+    let state = crate::train::load_checkpoint(&peers[0].0.join("checkpoint.bin"), 4 << 30)?
+        .context("peer 0 left no checkpoint")?;
+    Ok(SwarmRun {
+        ids,
+        summaries,
+        seconds: end.saturating_sub(first) as f64 / 1e3,
+        params0: state.params,
+        setup: "processes in namespaces",
+        links_mbit: links.iter().map(|&(u, d, _)| (u, d)).collect(),
+        start_spread_s: (last_start - first) as f64 / 1e3,
+    })
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_log(path: &std::path::Path, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if std::fs::read_to_string(path).is_ok_and(|t| t.contains(needle)) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!(
+        "no {needle:?} in {} within {timeout:?}:\n{}",
+        path.display(),
+        tail(path)
+    )
+}
+
+fn tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// The single-process replay and the compute-only run against the swarm's record.
+fn analyse<J: TrainJob>(a: &TrainBenchArgs, job: &J, run: SwarmRun) -> anyhow::Result<()> {
+    let SwarmRun {
+        ids: peers_ids,
+        summaries,
+        seconds: swarm_s,
+        params0: swarm_params,
+        setup,
+        links_mbit,
+        start_spread_s,
+    } = run;
+    let swarm_samples: u64 = summaries.iter().map(|s| s.samples).sum();
 
     // Which micro-batches each peer contributed at each step, and its loss there.
     let steps = a.steps as usize;
@@ -262,7 +537,7 @@ async fn bench_job<J: TrainJob>(
     let mut averaged_steps = 0;
     let mut averaging_s = 0.0f64;
     let mut overlapped_total = 0u64;
-    for (p, (_, s)) in results.iter().enumerate() {
+    for (p, s) in summaries.iter().enumerate() {
         for e in &s.events {
             if let StepEvent::Averaged {
                 epoch,
@@ -368,7 +643,6 @@ async fn bench_job<J: TrainJob>(
             .map_err(|_| anyhow::anyhow!("a compute thread panicked"))??;
     }
     let concurrent_s = t2.elapsed().as_secs_f64();
-    let swarm_params = results[0].0.params();
     let max_diff = swarm_params
         .iter()
         .zip(single.params())
@@ -403,11 +677,32 @@ async fn bench_job<J: TrainJob>(
         delayed: a.delayed,
         overlapped_micro_batches: overlapped_total,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        setup,
+        links_mbit,
+        start_spread_s,
     };
     println!(
-        "{} · {} peers · target batch {} · {} steps on {} cores",
-        case.model, case.peers, case.target_batch, case.steps, case.cores
+        "{} · {} peers ({}) · target batch {} · {} steps on {} cores",
+        case.model, case.peers, case.setup, case.target_batch, case.steps, case.cores
     );
+    if !case.links_mbit.is_empty() {
+        let links: Vec<String> = case
+            .links_mbit
+            .iter()
+            .map(|(u, d)| {
+                if u.is_finite() {
+                    format!("{u:.0}/{d:.0}")
+                } else {
+                    "unshaped".into()
+                }
+            })
+            .collect();
+        println!(
+            "links (up/down Mbit/s): {} · starts spread over {:.1} s",
+            links.join(", "),
+            case.start_spread_s
+        );
+    }
     println!(
         "swarm  {:>8.1} samples/s ({} samples in {:.1} s, {:.2} s per step)",
         sps, swarm_samples, swarm_s, case.step_s

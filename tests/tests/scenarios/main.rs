@@ -9,5 +9,6 @@ mod matchmaking;
 mod misbehaviour;
 mod netns_allreduce;
 mod netns_relay;
+mod netns_train;
 mod processes;
 mod train;
