@@ -1,5 +1,12 @@
 //! Inference: a decoder LLM in burn (Llama/Qwen2/SmolLM2 family), GGUF and safetensors loaders,
-//! the tokenizer and sampler, and the Hogwild! engine.
-//!
-//! Not yet built: this crate is reserved in the workspace so the dependency direction
-//! (protocol ← inference ← daemon) is fixed from the start. It will hold no networking.
+//! the tokenizer and chat template, and the Hogwild! engine (several workers decoding over one
+//! shared KV cache). No networking here: the daemon serves it.
+
+pub mod gguf;
+pub mod model;
+pub mod quant;
+pub mod tokenizer;
+pub mod weights;
+
+/// The CPU backend.
+pub type Cpu = burn::backend::NdArray<f32>;
