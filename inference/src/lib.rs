@@ -2,7 +2,9 @@
 //! the tokenizer and chat template, and the Hogwild! engine (several workers decoding over one
 //! shared KV cache). No networking here: the daemon serves it.
 
+pub mod cache;
 pub mod gguf;
+pub mod hogwild;
 pub mod model;
 pub mod quant;
 pub mod tokenizer;

@@ -1,0 +1,183 @@
+//! The Hogwild! engine against its oracles, on the real SmolLM2-135M (`scripts/fetch-data.sh`):
+//! the block cache (keys rotated within blocks, queries rotated per block, one matrix product per
+//! block for all workers, log-sum-exp merge) gives the logits of a plain recompute of every
+//! worker's view as one sequence, before and after a finished step moves into the common
+//! history; one worker is plain decoding.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use colony_inference::Cpu;
+use colony_inference::cache::{BlockCache, Reference};
+use colony_inference::gguf::Gguf;
+use colony_inference::hogwild::{Engine, HogwildConfig, argmax};
+use colony_inference::model::{Causal, Llama};
+use colony_inference::tokenizer::{Message, Tokenizer};
+use colony_inference::weights::Weights;
+
+/// Logits of the two attention paths agree within this (absolute; f32, different summation
+/// order and one extra rotation of moved keys).
+const TOL: f32 = 2e-3;
+
+struct Loaded {
+    tokenizer: Tokenizer,
+    model: Llama<Cpu>,
+}
+
+fn loaded() -> &'static Loaded {
+    static L: OnceLock<Loaded> = OnceLock::new();
+    L.get_or_init(|| {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../.cache/data/SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(
+            p.exists(),
+            "{} is missing: run scripts/fetch-data.sh",
+            p.display()
+        );
+        let g = Gguf::open(&p).unwrap();
+        Loaded {
+            tokenizer: Tokenizer::from_gguf(&g).unwrap(),
+            model: Llama::new(&Weights::from_gguf(&g).unwrap(), &Default::default()),
+        }
+    })
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn block_cache_equals_a_plain_recompute_of_each_workers_view() {
+    let l = loaded();
+    let layers = l.model.config.layers;
+    let cfg = HogwildConfig {
+        workers: 3,
+        ..HogwildConfig::default()
+    };
+    let q = "What is 17 * 23?";
+    let mut fast = Engine::new(
+        &l.model,
+        &l.tokenizer,
+        BlockCache::<Cpu>::new(layers, 8),
+        q,
+        cfg.clone(),
+    )
+    .unwrap();
+    let mut slow = Engine::new(
+        &l.model,
+        &l.tokenizer,
+        Reference::<Cpu>::new(layers, 8),
+        q,
+        cfg,
+    )
+    .unwrap();
+    // Worker 0 is made to finish a step at pass 4 ("\n\n" after a sentence), so its block moves
+    // into the common history and the passes after it test the moved keys.
+    let forced = l.tokenizer.encode(" We start.\n\n").unwrap();
+    let mut worst = 0f32;
+    let history = fast.cache_len(0);
+    for pass in 0usize..10 {
+        let a = fast.pass();
+        let b = slow.pass();
+        for w in 0..3 {
+            let (la, lb) = (a[w].as_ref().unwrap(), b[w].as_ref().unwrap());
+            let d = max_diff(la, lb);
+            assert!(d < TOL, "pass {pass}, worker {w}: logits differ by {d}");
+            worst = worst.max(d);
+            let t = match (w, pass.checked_sub(1)) {
+                (0, Some(i)) if i < forced.len() => forced[i],
+                _ => argmax(la),
+            };
+            fast.accept(w, t).unwrap();
+            slow.accept(w, t).unwrap();
+        }
+        if fast.cache_len(0) != slow.cache_len(0) {
+            panic!("the two caches disagree on the history's length");
+        }
+    }
+    assert!(
+        fast.cache_len(0) > history,
+        "worker 0's step never moved into the common history"
+    );
+    eprintln!("max |Δ logits| over 10 passes × 3 workers: {worst:.2e}");
+}
+
+#[test]
+fn one_worker_is_plain_decoding() {
+    let l = loaded();
+    let q = "Name a colour.";
+    let cfg = HogwildConfig {
+        workers: 1,
+        ..HogwildConfig::default()
+    };
+    let mut e = Engine::new(
+        &l.model,
+        &l.tokenizer,
+        BlockCache::<Cpu>::new(l.model.config.layers, 8),
+        q,
+        cfg,
+    )
+    .unwrap();
+    let mut seq = l
+        .tokenizer
+        .encode(
+            &l.tokenizer
+                .render_chat(&[Message::new("user", q)], true)
+                .unwrap(),
+        )
+        .unwrap();
+    for pass in 0..6 {
+        let got = e.pass()[0].clone().unwrap();
+        let want = l.model.last_logits(l.model.hidden(&seq, &mut Causal));
+        let d = max_diff(&got, &want);
+        assert!(
+            d < TOL,
+            "pass {pass}: cached decoding differs from a plain pass by {d}"
+        );
+        let t = argmax(&got);
+        seq.push(t);
+        e.accept(0, t).unwrap();
+    }
+}
+
+#[test]
+fn workers_write_and_the_finisher_answers() {
+    let l = loaded();
+    let cfg = HogwildConfig {
+        workers: 2,
+        max_tokens: 12,
+        finisher_tokens: 8,
+        ..HogwildConfig::default()
+    };
+    let mut e = Engine::new(
+        &l.model,
+        &l.tokenizer,
+        BlockCache::<Cpu>::new(l.model.config.layers, 8),
+        "What is 2+3?",
+        cfg,
+    )
+    .unwrap();
+    let mut seen = [0usize; 2];
+    let out = e.run(&mut |w, _| seen[w] += 1).unwrap();
+    assert_eq!(out.workers.len(), 2);
+    assert!(
+        out.workers[0].starts_with("**Alice [1]:**"),
+        "{:?}",
+        out.workers[0]
+    );
+    assert!(
+        out.workers[1].starts_with("**Bob [1]:**"),
+        "{:?}",
+        out.workers[1]
+    );
+    assert_eq!(
+        out.generated.iter().sum::<usize>(),
+        seen.iter().sum::<usize>()
+    );
+    assert!(!out.answer.is_empty(), "the finisher wrote nothing");
+    eprintln!("{out:#?}");
+}
