@@ -59,6 +59,8 @@ pub enum Command {
     },
     /// Join or start a collaborative pretraining run (ALBERT on a text corpus).
     Train(Box<crate::train_cli::TrainArgs>),
+    /// Hogwild! inference on this machine: several workers of one model answer together.
+    Infer(crate::infer_cli::InferArgs),
     /// Start a small local swarm and show what it does.
     Demo(crate::demo::DemoArgs),
     /// Benchmark suites.
@@ -259,6 +261,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Train(args) => crate::train_cli::run(*args).await,
+        Command::Infer(args) => tokio::task::spawn_blocking(move || crate::infer_cli::run(args))
+            .await
+            .map_err(|e| anyhow::anyhow!("inference panicked: {e}"))?,
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Bench {
             suite: BenchSuite::Dht(args),

@@ -16,6 +16,7 @@ pub mod dht;
 pub mod handle;
 pub mod http;
 pub mod identity;
+pub mod infer_cli;
 pub mod local;
 pub mod matchmaking;
 pub mod netlab;

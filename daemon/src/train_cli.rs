@@ -262,6 +262,9 @@ pub struct TrainArgs {
     /// Checkpoint file (default: <data-dir>/runs/<run>/checkpoint.bin).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
+    /// Seconds to look for other peers before stepping alone (the first peer of a run).
+    #[arg(long, default_value_t = 5.0)]
+    pub discovery: f64,
     /// Upload this peer may use, Mbit/s (its measured bandwidth is capped at it).
     #[arg(long)]
     pub max_upload_mbit: Option<f64>,
@@ -361,6 +364,8 @@ async fn run_job<J: TrainJob>(
     cfg.max_steps = args.steps;
     cfg.client = args.client;
     cfg.delayed = args.delayed_updates;
+    cfg.discovery = Duration::try_from_secs_f64(args.discovery)
+        .map_err(|_| anyhow::anyhow!("--discovery {} is not a number of seconds", args.discovery))?;
     let bytes_per_s = |mbit: Option<f64>| mbit.map(|m| m * 1e6 / 8.0);
     cfg.bandwidth_cap = (
         bytes_per_s(args.max_upload_mbit),

@@ -407,6 +407,8 @@ fn in_namespaces(
             .args(["--steps", &a.steps.to_string()])
             .args(["--warmup", "2", "--total-steps", "10000", "--seed", "1"])
             .args(["--http", "off", "--reachability", "public"])
+            // Processes start one after another: nobody steps alone while the others load.
+            .args(["--discovery", "60"])
             .arg("--data-dir")
             .arg(data)
             .arg("--checkpoint")
