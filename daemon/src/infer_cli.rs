@@ -7,10 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::Args;
-use colony_inference::Cpu;
-use colony_inference::cache::BlockCache;
+use colony_inference::cpu::{CpuDecoder, CpuModel};
 use colony_inference::hogwild::{Engine, HogwildConfig, NAMES, Sampling};
-use colony_inference::model::Llama;
 
 #[derive(Debug, Args)]
 pub struct InferArgs {
@@ -46,9 +44,7 @@ pub fn run(a: InferArgs) -> anyhow::Result<()> {
     }
     let t0 = Instant::now();
     let (weights, tok) = colony_inference::load(&a.model)?;
-    let device = Default::default();
-    let model = Llama::<Cpu>::new(&weights, &device);
-    drop(weights);
+    let model = CpuModel::new(weights);
     let load_s = t0.elapsed().as_secs_f64();
     let cfg = HogwildConfig {
         workers: a.workers,
@@ -65,8 +61,7 @@ pub fn run(a: InferArgs) -> anyhow::Result<()> {
         interject_every: a.interject_every,
         ..HogwildConfig::default()
     };
-    let cache = BlockCache::<Cpu>::new(model.config.layers, 4 + a.workers + 1);
-    let mut engine = Engine::new(&model, &tok, cache, &a.prompt, cfg)?;
+    let mut engine = Engine::new(CpuDecoder::new(&model), &tok, &a.prompt, cfg)?;
     let live = std::io::stdout().is_terminal() && !a.json;
     let mut texts = vec![String::new(); a.workers];
     let mut last_draw = Instant::now() - Duration::from_secs(1);

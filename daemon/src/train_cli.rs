@@ -364,8 +364,9 @@ async fn run_job<J: TrainJob>(
     cfg.max_steps = args.steps;
     cfg.client = args.client;
     cfg.delayed = args.delayed_updates;
-    cfg.discovery = Duration::try_from_secs_f64(args.discovery)
-        .map_err(|_| anyhow::anyhow!("--discovery {} is not a number of seconds", args.discovery))?;
+    cfg.discovery = Duration::try_from_secs_f64(args.discovery).map_err(|_| {
+        anyhow::anyhow!("--discovery {} is not a number of seconds", args.discovery)
+    })?;
     let bytes_per_s = |mbit: Option<f64>| mbit.map(|m| m * 1e6 / 8.0);
     cfg.bandwidth_cap = (
         bytes_per_s(args.max_upload_mbit),

@@ -26,8 +26,81 @@ use burn::prelude::Backend;
 use rand::{Rng, SeedableRng};
 
 use crate::cache::{BlockId, BlockStore, Row, Segment};
+use crate::cpu::CpuDecoder;
 use crate::model::{Llama, to_vec};
 use crate::tokenizer::{Message, Tokenizer};
+use crate::weights::Config;
+
+/// A model with a block cache: what the engine drives.
+pub trait Decoder {
+    fn config(&self) -> &Config;
+    /// Tokens stored in block `b`.
+    fn len(&self, b: BlockId) -> usize;
+    /// One pass over `rows`; the logits of the rows whose indices are in `want`.
+    fn forward(&mut self, rows: &[Row], want: &[usize]) -> Vec<Vec<f32>>;
+    /// Appends block `from` to `to` and empties `from`.
+    fn move_block(&mut self, from: BlockId, to: BlockId);
+}
+
+/// The burn model with one of the burn block stores.
+#[derive(Debug)]
+pub struct BurnDecoder<'m, B: Backend, C: BlockStore<B>> {
+    pub model: &'m Llama<B>,
+    pub cache: C,
+}
+
+impl<B: Backend, C: BlockStore<B>> Decoder for BurnDecoder<'_, B, C> {
+    fn config(&self) -> &Config {
+        &self.model.config
+    }
+
+    fn len(&self, b: BlockId) -> usize {
+        self.cache.len(b)
+    }
+
+    fn forward(&mut self, rows: &[Row], want: &[usize]) -> Vec<Vec<f32>> {
+        let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
+        self.cache.begin(rows);
+        let hidden = self.model.hidden(&tokens, &mut self.cache);
+        if want.is_empty() {
+            return Vec::new();
+        }
+        let idx = burn::tensor::Tensor::<B, 1, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(
+                want.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+                [want.len()],
+            ),
+            self.model.device(),
+        );
+        let logits = to_vec(self.model.logits(hidden.select(0, idx)));
+        logits
+            .chunks_exact(self.model.config.vocab)
+            .map(<[f32]>::to_vec)
+            .collect()
+    }
+
+    fn move_block(&mut self, from: BlockId, to: BlockId) {
+        self.cache.move_block(from, to, &self.model.rope);
+    }
+}
+
+impl Decoder for CpuDecoder<'_> {
+    fn config(&self) -> &Config {
+        &self.model.config
+    }
+
+    fn len(&self, b: BlockId) -> usize {
+        CpuDecoder::len(self, b)
+    }
+
+    fn forward(&mut self, rows: &[Row], want: &[usize]) -> Vec<Vec<f32>> {
+        CpuDecoder::forward(self, rows, want)
+    }
+
+    fn move_block(&mut self, from: BlockId, to: BlockId) {
+        CpuDecoder::move_block(self, from, to);
+    }
+}
 
 pub const NAMES: [&str; 8] = [
     "Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi",
@@ -127,11 +200,10 @@ struct Worker {
     generated: usize,
 }
 
-/// The engine over one cache.
-pub struct Engine<'a, B: Backend, C: BlockStore<B>> {
-    model: &'a Llama<B>,
+/// The engine over one decoder.
+pub struct Engine<'a, D: Decoder> {
+    pub dec: D,
     tok: &'a Tokenizer,
-    pub cache: C,
     cfg: HogwildConfig,
     workers: Vec<Worker>,
     rng: rand::rngs::StdRng,
@@ -142,7 +214,7 @@ pub struct Engine<'a, B: Backend, C: BlockStore<B>> {
     stop: Vec<u32>,
 }
 
-impl<B: Backend, C: BlockStore<B>> std::fmt::Debug for Engine<'_, B, C> {
+impl<D: Decoder> std::fmt::Debug for Engine<'_, D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
             .field("workers", &self.cfg.workers)
@@ -177,12 +249,11 @@ pub fn ends_step(step_text: &str, token_text: &str) -> bool {
     sentence && balanced
 }
 
-impl<'a, B: Backend, C: BlockStore<B>> Engine<'a, B, C> {
+impl<'a, D: Decoder> Engine<'a, D> {
     /// Sets up the blocks for `question` (prefilled) and the workers' first inputs.
     pub fn new(
-        model: &'a Llama<B>,
+        dec: D,
         tok: &'a Tokenizer,
-        cache: C,
         question: &str,
         cfg: HogwildConfig,
     ) -> anyhow::Result<Self> {
@@ -194,9 +265,8 @@ impl<'a, B: Backend, C: BlockStore<B>> Engine<'a, B, C> {
             Sampling::Greedy => 0,
         };
         let mut e = Self {
-            model,
+            dec,
             tok,
-            cache,
             workers: vec![Worker::default(); cfg.workers],
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             since_interjection: 0,
@@ -224,7 +294,7 @@ impl<'a, B: Backend, C: BlockStore<B>> Engine<'a, B, C> {
         e.prefill(COMMON, &[], &tok.encode(&prompt)?);
         let common = Segment {
             block: COMMON,
-            visible: e.cache.len(COMMON),
+            visible: e.dec.len(COMMON),
         };
         e.prefill(
             OTHERS,
@@ -233,7 +303,7 @@ impl<'a, B: Backend, C: BlockStore<B>> Engine<'a, B, C> {
         );
         let others = Segment {
             block: OTHERS,
-            visible: e.cache.len(OTHERS),
+            visible: e.dec.len(OTHERS),
         };
         e.prefill(SEPARATOR, &[common, others], &tok.encode(" <...>\n\n")?);
         e.prefill(
@@ -255,7 +325,7 @@ impl<'a, B: Backend, C: BlockStore<B>> Engine<'a, B, C> {
 
     /// Tokens stored in block `b` (0: the common history; 4 + w: worker w's current step).
     pub fn cache_len(&self, b: BlockId) -> usize {
-        self.cache.len(b)
+        self.dec.len(b)
     }
 
     /// Writes `tokens` into `block`, each attending to `context` and the block so far.
@@ -263,7 +333,7 @@ impl<'a, B: Backend, C: BlockStore<B>> Engine<'a, B, C> {
         if tokens.is_empty() {
             return;
         }
-        let base = self.cache.len(block);
+        let base = self.dec.len(block);
         let rows: Vec<Row> = tokens
             .iter()
             .enumerate()
@@ -280,8 +350,7 @@ impl<'a, B: Backend, C: BlockStore<B>> Engine<'a, B, C> {
                 }
             })
             .collect();
-        self.cache.begin(&rows);
-        let _ = self.model.hidden(tokens, &mut self.cache);
+        let _ = self.dec.forward(&rows, &[]);
     }
 
     /// Worker `w`'s view with `own` tokens of its own block visible; other blocks as long as
@@ -307,7 +376,7 @@ impl<'a, B: Backend, C: BlockStore<B>> Engine<'a, B, C> {
     /// its last row (None for a worker with nothing pending).
     pub fn pass(&mut self) -> Vec<Option<Vec<f32>>> {
         let n = self.cfg.workers;
-        let lens: Vec<usize> = (0..FIRST_WORKER + n).map(|b| self.cache.len(b)).collect();
+        let lens: Vec<usize> = (0..FIRST_WORKER + n).map(|b| self.dec.len(b)).collect();
         let mut after = lens.clone();
         for (w, wk) in self.workers.iter().enumerate() {
             after[worker_block(w)] += wk.pending.len();
@@ -331,35 +400,17 @@ impl<'a, B: Backend, C: BlockStore<B>> Engine<'a, B, C> {
         if rows.is_empty() {
             return vec![None; n];
         }
-        let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
-        self.cache.begin(&rows);
-        let hidden = self.model.hidden(&tokens, &mut self.cache);
         let picks: Vec<usize> = last_row.iter().flatten().copied().collect();
-        let dim = self.model.config.dim;
-        let idx = burn::tensor::Tensor::<B, 1, burn::tensor::Int>::from_data(
-            burn::tensor::TensorData::new(
-                picks.iter().map(|&r| r as i64).collect::<Vec<_>>(),
-                [picks.len()],
-            ),
-            self.model.device(),
-        );
-        let logits = to_vec(self.model.logits(hidden.select(0, idx)));
-        let vocab = logits.len() / picks.len().max(1);
-        debug_assert!(dim > 0);
+        let mut logits = self.dec.forward(&rows, &picks).into_iter();
         for wk in &mut self.workers {
             let fed = std::mem::take(&mut wk.pending);
             wk.transcript.extend(&fed);
         }
         self.passes += 1;
-        let mut out = vec![None; n];
-        let mut k = 0;
-        for (w, r) in last_row.iter().enumerate() {
-            if r.is_some() {
-                out[w] = Some(logits[k * vocab..(k + 1) * vocab].to_vec());
-                k += 1;
-            }
-        }
-        out
+        last_row
+            .iter()
+            .map(|r| r.and_then(|_| logits.next()))
+            .collect()
     }
 
     fn sample(&mut self, logits: &[f32]) -> u32 {
@@ -419,7 +470,7 @@ impl<'a, B: Backend, C: BlockStore<B>> Engine<'a, B, C> {
         if n > 1 && ends_step(&wk.step_text, &text) {
             // The step is done: it joins the common history; the next starts with a header.
             let b = worker_block(w);
-            self.cache.move_block(b, COMMON, &self.model.rope);
+            self.dec.move_block(b, COMMON);
             wk.step += 1;
             let mut header = format!("**{} [{}]:** ", NAMES[w], wk.step);
             if self.interject_next {
@@ -499,29 +550,29 @@ impl<'a, B: Backend, C: BlockStore<B>> Engine<'a, B, C> {
         let mut context = vec![
             Segment {
                 block: COMMON,
-                visible: self.cache.len(COMMON),
+                visible: self.dec.len(COMMON),
             },
             Segment {
                 block: OTHERS,
-                visible: self.cache.len(OTHERS),
+                visible: self.dec.len(OTHERS),
             },
         ];
         for w in 0..n {
             let b = worker_block(w);
             context.push(Segment {
                 block: b,
-                visible: self.cache.len(b),
+                visible: self.dec.len(b),
             });
             context.push(Segment {
                 block: SEPARATOR,
-                visible: self.cache.len(SEPARATOR),
+                visible: self.dec.len(SEPARATOR),
             });
         }
         let prompt = self.tok.encode(&self.cfg.finisher)?;
         let mut out = Vec::new();
         let mut feed = prompt;
         for _ in 0..self.cfg.finisher_tokens {
-            let base = self.cache.len(fin);
+            let base = self.dec.len(fin);
             let rows: Vec<Row> = feed
                 .iter()
                 .enumerate()
@@ -538,9 +589,9 @@ impl<'a, B: Backend, C: BlockStore<B>> Engine<'a, B, C> {
                     }
                 })
                 .collect();
-            self.cache.begin(&rows);
-            let h = self.model.hidden(&feed, &mut self.cache);
-            let t = argmax(&self.model.last_logits(h));
+            let last = rows.len() - 1;
+            let logits = self.dec.forward(&rows, &[last]);
+            let t = logits.first().map_or(0, |l| argmax(l));
             if self.stop.contains(&t) {
                 break;
             }

@@ -3,6 +3,7 @@
 //! shared KV cache). No networking here: the daemon serves it.
 
 pub mod cache;
+pub mod cpu;
 pub mod gguf;
 pub mod hogwild;
 pub mod model;
@@ -14,9 +15,7 @@ pub mod weights;
 pub type Cpu = burn::backend::NdArray<f32>;
 
 /// A model's weights and tokenizer from a GGUF file or a Hugging Face folder.
-pub fn load(
-    path: &std::path::Path,
-) -> anyhow::Result<(weights::Weights, tokenizer::Tokenizer)> {
+pub fn load(path: &std::path::Path) -> anyhow::Result<(weights::Weights, tokenizer::Tokenizer)> {
     use anyhow::Context;
     if path.is_dir() {
         let w = weights::Weights::from_hf_dir(path)?;

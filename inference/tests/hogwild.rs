@@ -10,19 +10,22 @@ use std::sync::OnceLock;
 
 use colony_inference::Cpu;
 use colony_inference::cache::{BlockCache, Reference};
+use colony_inference::cpu::{CpuDecoder, CpuModel};
 use colony_inference::gguf::Gguf;
-use colony_inference::hogwild::{Engine, HogwildConfig, argmax};
+use colony_inference::hogwild::{BurnDecoder, Engine, HogwildConfig, argmax};
 use colony_inference::model::{Causal, Llama};
 use colony_inference::tokenizer::{Message, Tokenizer};
 use colony_inference::weights::Weights;
 
-/// Logits of the two attention paths agree within this (absolute; f32, different summation
-/// order and one extra rotation of moved keys).
-const TOL: f32 = 2e-3;
+/// Logits of the fast paths agree with the reference within this (absolute; logits reach ~30;
+/// f32 with different summation orders and one extra rotation of moved keys). Measured: block
+/// cache 3.3e-4, native CPU decoder 1.2e-3.
+const TOL: f32 = 5e-3;
 
 struct Loaded {
     tokenizer: Tokenizer,
     model: Llama<Cpu>,
+    native: CpuModel,
 }
 
 fn loaded() -> &'static Loaded {
@@ -36,9 +39,11 @@ fn loaded() -> &'static Loaded {
             p.display()
         );
         let g = Gguf::open(&p).unwrap();
+        let w = Weights::from_gguf(&g).unwrap();
         Loaded {
             tokenizer: Tokenizer::from_gguf(&g).unwrap(),
-            model: Llama::new(&Weights::from_gguf(&g).unwrap(), &Default::default()),
+            model: Llama::new(&w, &Default::default()),
+            native: CpuModel::new(w),
         }
     })
 }
@@ -51,7 +56,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[test]
-fn block_cache_equals_a_plain_recompute_of_each_workers_view() {
+fn block_cache_and_native_decoder_equal_a_plain_recompute_of_each_workers_view() {
     let l = loaded();
     let layers = l.model.config.layers;
     let cfg = HogwildConfig {
@@ -59,18 +64,24 @@ fn block_cache_equals_a_plain_recompute_of_each_workers_view() {
         ..HogwildConfig::default()
     };
     let q = "What is 17 * 23?";
+    let burn = |cache| BurnDecoder {
+        model: &l.model,
+        cache,
+    };
     let mut fast = Engine::new(
-        &l.model,
+        burn(BlockCache::<Cpu>::new(layers, 8)),
         &l.tokenizer,
-        BlockCache::<Cpu>::new(layers, 8),
         q,
         cfg.clone(),
     )
     .unwrap();
+    let mut native = Engine::new(CpuDecoder::new(&l.native), &l.tokenizer, q, cfg.clone()).unwrap();
     let mut slow = Engine::new(
-        &l.model,
+        BurnDecoder {
+            model: &l.model,
+            cache: Reference::<Cpu>::new(layers, 8),
+        },
         &l.tokenizer,
-        Reference::<Cpu>::new(layers, 8),
         q,
         cfg,
     )
@@ -80,22 +91,38 @@ fn block_cache_equals_a_plain_recompute_of_each_workers_view() {
     let forced = l.tokenizer.encode(" We start.\n\n").unwrap();
     let mut worst = 0f32;
     let history = fast.cache_len(0);
+    let mut worst_native = 0f32;
     for pass in 0usize..10 {
         let a = fast.pass();
+        let c = native.pass();
         let b = slow.pass();
         for w in 0..3 {
-            let (la, lb) = (a[w].as_ref().unwrap(), b[w].as_ref().unwrap());
+            let (la, lb, lc) = (
+                a[w].as_ref().unwrap(),
+                b[w].as_ref().unwrap(),
+                c[w].as_ref().unwrap(),
+            );
             let d = max_diff(la, lb);
-            assert!(d < TOL, "pass {pass}, worker {w}: logits differ by {d}");
+            assert!(
+                d < TOL,
+                "pass {pass}, worker {w}: block cache differs by {d}"
+            );
             worst = worst.max(d);
+            let d = max_diff(lc, lb);
+            assert!(
+                d < TOL,
+                "pass {pass}, worker {w}: native CPU decoder differs by {d}"
+            );
+            worst_native = worst_native.max(d);
             let t = match (w, pass.checked_sub(1)) {
                 (0, Some(i)) if i < forced.len() => forced[i],
                 _ => argmax(la),
             };
             fast.accept(w, t).unwrap();
+            native.accept(w, t).unwrap();
             slow.accept(w, t).unwrap();
         }
-        if fast.cache_len(0) != slow.cache_len(0) {
+        if fast.cache_len(0) != slow.cache_len(0) || native.cache_len(0) != slow.cache_len(0) {
             panic!("the two caches disagree on the history's length");
         }
     }
@@ -103,7 +130,9 @@ fn block_cache_equals_a_plain_recompute_of_each_workers_view() {
         fast.cache_len(0) > history,
         "worker 0's step never moved into the common history"
     );
-    eprintln!("max |Δ logits| over 10 passes × 3 workers: {worst:.2e}");
+    eprintln!(
+        "max |Δ logits| over 10 passes × 3 workers: block cache {worst:.2e}, native {worst_native:.2e}"
+    );
 }
 
 #[test]
@@ -114,14 +143,7 @@ fn one_worker_is_plain_decoding() {
         workers: 1,
         ..HogwildConfig::default()
     };
-    let mut e = Engine::new(
-        &l.model,
-        &l.tokenizer,
-        BlockCache::<Cpu>::new(l.model.config.layers, 8),
-        q,
-        cfg,
-    )
-    .unwrap();
+    let mut e = Engine::new(CpuDecoder::new(&l.native), &l.tokenizer, q, cfg).unwrap();
     let mut seq = l
         .tokenizer
         .encode(
@@ -154,9 +176,8 @@ fn workers_write_and_the_finisher_answers() {
         ..HogwildConfig::default()
     };
     let mut e = Engine::new(
-        &l.model,
+        CpuDecoder::new(&l.native),
         &l.tokenizer,
-        BlockCache::<Cpu>::new(l.model.config.layers, 8),
         "What is 2+3?",
         cfg,
     )
