@@ -78,6 +78,8 @@ pub enum BenchSuite {
     Allreduce(crate::bench::allreduce::AllreduceBenchArgs),
     /// Collaborative ALBERT pretraining: N peers on loopback vs one process, same batches.
     Train(crate::bench::train::TrainBenchArgs),
+    /// Hogwild! decoding speed for several worker counts (native CPU decoder).
+    Infer(crate::bench::infer::InferBenchArgs),
     /// One peer of `bench allreduce` (driven over stdin/stdout by the benchmark).
     #[command(hide = true)]
     AllreducePeer(crate::bench::allreduce::PeerArgs),
@@ -274,6 +276,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             suite: BenchSuite::Allreduce(args),
         } => crate::bench::allreduce::run(args).await,
+        Command::Bench {
+            suite: BenchSuite::Infer(args),
+        } => tokio::task::spawn_blocking(move || crate::bench::infer::run(args))
+            .await
+            .map_err(|e| anyhow::anyhow!("the benchmark panicked: {e}"))?,
         Command::Bench {
             suite: BenchSuite::AllreducePeer(args),
         } => crate::bench::allreduce::run_peer(args).await,

@@ -3,6 +3,7 @@
 
 pub mod allreduce;
 pub mod dht;
+pub mod infer;
 pub mod train;
 
 use std::path::Path;
