@@ -315,6 +315,9 @@ fn colony_train_runs_across_processes_and_resumes_from_its_checkpoint() {
             "public",
             "--listen",
             "/ip4/127.0.0.1/udp/0/quic-v1",
+            // The three processes start one after another: nobody steps alone meanwhile.
+            "--discovery",
+            "30",
         ]
         .iter()
         .map(|s| s.to_string())
