@@ -18,7 +18,7 @@
 use burn::prelude::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::model::{Attention, Rope, gqa};
+use crate::model::{Attention, Rope, by_kv_head, gqa};
 
 pub type BlockId = usize;
 
@@ -48,8 +48,6 @@ pub trait BlockStore<B: Backend>: Attention<B> {
     fn len(&self, block: BlockId) -> usize;
     /// Appends all of `from` to the end of `to` and empties `from`.
     fn move_block(&mut self, from: BlockId, to: BlockId, rope: &Rope);
-    /// Drops the tokens of `block` from `keep` on.
-    fn truncate(&mut self, block: BlockId, keep: usize);
 }
 
 #[derive(Debug, Clone)]
@@ -108,20 +106,24 @@ impl<B: Backend> Store<B> {
         });
     }
 
-    fn truncate(&mut self, block: BlockId, keep: usize) {
-        self.ensure(block);
-        for l in &mut self.layers {
-            if let Some(kv) = l[block].take()
-                && keep > 0
-            {
-                let [_, h, d] = kv.k.dims();
-                l[block] = Some(Kv {
-                    k: kv.k.slice([0..keep, 0..h, 0..d]),
-                    v: kv.v.slice([0..keep, 0..h, 0..d]),
-                });
+    /// Appends `from` to `to` (keys through `key_form(keys, offset)`, offset = `to`'s
+    /// length) and empties `from`.
+    fn move_block(
+        &mut self,
+        from: BlockId,
+        to: BlockId,
+        key_form: impl Fn(Tensor<B, 3>, i64) -> Tensor<B, 3>,
+    ) {
+        self.ensure(from.max(to));
+        let offset = self.lens[to] as i64;
+        for layer in 0..self.layers.len() {
+            if let Some(kv) = self.layers[layer][from].take() {
+                let k = key_form(kv.k, offset);
+                self.append(layer, to, k, kv.v);
             }
         }
-        self.lens[block] = self.lens[block].min(keep);
+        self.lens[to] += self.lens[from];
+        self.lens[from] = 0;
     }
 
     /// Writes the pass's new keys (transformed by `key_form(rows' keys, in-block positions)`)
@@ -282,10 +284,7 @@ fn partial<B: Backend>(
     let [e, heads, hd] = q.dims();
     let [len, kv_heads, _] = k.dims();
     let g = heads / kv_heads;
-    let qh = q
-        .reshape([e, kv_heads, g, hd])
-        .permute([1, 0, 2, 3])
-        .reshape([kv_heads, e * g, hd]);
+    let qh = by_kv_head(q, kv_heads);
     let s = qh
         .matmul(k.permute([1, 2, 0]))
         .div_scalar((hd as f32).sqrt())
@@ -317,22 +316,11 @@ impl<B: Backend> BlockStore<B> for BlockCache<B> {
     }
 
     fn move_block(&mut self, from: BlockId, to: BlockId, rope: &Rope) {
-        self.store.ensure(from.max(to));
-        let offset = self.store.lens[to] as i64;
-        for layer in 0..self.store.layers.len() {
-            if let Some(kv) = self.store.layers[layer][from].take() {
-                let n = kv.k.dims()[0];
-                // Stored at in-block index j; in `to` it sits at offset + j.
-                let k = rope.rotate(kv.k, &vec![offset; n]);
-                self.store.append(layer, to, k, kv.v);
-            }
-        }
-        self.store.lens[to] += self.store.lens[from];
-        self.store.lens[from] = 0;
-    }
-
-    fn truncate(&mut self, block: BlockId, keep: usize) {
-        self.store.truncate(block, keep);
+        // Stored at in-block index j; in `to` a key sits at offset + j.
+        self.store.move_block(from, to, |k, offset| {
+            let n = k.dims()[0];
+            rope.rotate(k, &vec![offset; n])
+        });
     }
 }
 
@@ -401,17 +389,7 @@ impl<B: Backend> BlockStore<B> for Reference<B> {
     }
 
     fn move_block(&mut self, from: BlockId, to: BlockId, _rope: &Rope) {
-        self.store.ensure(from.max(to));
-        for layer in 0..self.store.layers.len() {
-            if let Some(kv) = self.store.layers[layer][from].take() {
-                self.store.append(layer, to, kv.k, kv.v);
-            }
-        }
-        self.store.lens[to] += self.store.lens[from];
-        self.store.lens[from] = 0;
-    }
-
-    fn truncate(&mut self, block: BlockId, keep: usize) {
-        self.store.truncate(block, keep);
+        // Raw keys: rotated only when a view is laid out.
+        self.store.move_block(from, to, |k, _| k);
     }
 }

@@ -247,6 +247,16 @@ pub fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
         .unwrap_or_default()
 }
 
+/// Queries `[rows, heads, hd]` regrouped as `[kv_heads, rows·g, hd]` (g query heads share
+/// each key/value head), so one batched product per key/value head serves all of them.
+pub fn by_kv_head<B: Backend>(q: Tensor<B, 3>, kv_heads: usize) -> Tensor<B, 3> {
+    let [rows, heads, hd] = q.dims();
+    let g = heads / kv_heads;
+    q.reshape([rows, kv_heads, g, hd])
+        .permute([1, 0, 2, 3])
+        .reshape([kv_heads, rows * g, hd])
+}
+
 /// Grouped-query attention of `q` (`[rows, heads, hd]`, rotated) over `k`, `v`
 /// (`[len, kv_heads, hd]`, rotated keys) with an additive `mask` `[rows, len]` (0 or −∞).
 pub fn gqa<B: Backend>(
@@ -259,10 +269,7 @@ pub fn gqa<B: Backend>(
     let [len, kv_heads, _] = k.dims();
     let g = heads / kv_heads;
     // [kv, rows·g, hd] × [kv, hd, len]
-    let qh = q
-        .reshape([rows, kv_heads, g, hd])
-        .permute([1, 0, 2, 3])
-        .reshape([kv_heads, rows * g, hd]);
+    let qh = by_kv_head(q, kv_heads);
     let kh = k.permute([1, 2, 0]); // [kv, hd, len]
     let vh = v.permute([1, 0, 2]); // [kv, len, hd]
     let mut s = qh

@@ -433,49 +433,6 @@ impl Weights {
             output,
         })
     }
-
-    /// Random weights of a given shape (GPU benchmarks of shapes whose weights are not at
-    /// hand; deterministic in `seed`). Scaled like a trained model's (unit-RMS activations).
-    pub fn random(config: Config, seed: u64) -> anyhow::Result<Self> {
-        use rand::{Rng, SeedableRng};
-        config.check()?;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut mat = |rows: usize, cols: usize| {
-            let s = (3.0 / cols as f32).sqrt();
-            Mat {
-                rows,
-                cols,
-                data: (0..rows * cols).map(|_| rng.gen_range(-s..s)).collect(),
-            }
-        };
-        let c = &config;
-        let (qd, kvd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
-        let layers = (0..c.layers)
-            .map(|_| LayerWeights {
-                attn_norm: vec![1.0; c.dim],
-                wq: mat(qd, c.dim),
-                wk: mat(kvd, c.dim),
-                wv: mat(kvd, c.dim),
-                bq: None,
-                bk: None,
-                bv: None,
-                wo: mat(c.dim, qd),
-                ffn_norm: vec![1.0; c.dim],
-                w_gate: mat(c.ffn, c.dim),
-                w_up: mat(c.ffn, c.dim),
-                w_down: mat(c.dim, c.ffn),
-            })
-            .collect();
-        let embed = mat(c.vocab, c.dim);
-        let output = (!c.tied).then(|| mat(c.vocab, c.dim));
-        Ok(Self {
-            norm: vec![1.0; c.dim],
-            embed,
-            layers,
-            output,
-            config,
-        })
-    }
 }
 
 #[cfg(test)]

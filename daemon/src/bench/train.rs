@@ -21,7 +21,7 @@ use crate::swav_job::SwavJob;
 use crate::train::{StepEvent, TrainConfig, TrainSummary, train};
 use crate::train_cli::{AlbertJob, TrainJob};
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct TrainBenchArgs {
     #[arg(long, default_value_t = 4)]
     pub peers: usize,
@@ -268,25 +268,13 @@ async fn bench_job<J: TrainJob>(
     let run = match &a.links {
         None => in_process(a, dir, &job).await?,
         Some(profile) => {
-            let (a2, dir2, profile) = (clone_args(a), dir.to_path_buf(), profile.clone());
+            let (a2, dir2, profile) = (a.clone(), dir.to_path_buf(), profile.clone());
             tokio::task::spawn_blocking(move || in_namespaces(&a2, &dir2, &profile, &cli))
                 .await
                 .context("the namespace swarm panicked")??
         }
     };
     analyse(a, &job, run)
-}
-
-fn clone_args(a: &TrainBenchArgs) -> TrainBenchArgs {
-    TrainBenchArgs {
-        data: a.data.clone(),
-        crops: a.crops.clone(),
-        json: a.json.clone(),
-        links: a.links.clone(),
-        lr: a.lr,
-        model: a.model.clone(),
-        ..*a
-    }
 }
 
 /// N real nodes in this process on loopback.
