@@ -133,9 +133,16 @@ impl NodeHandle {
             })
             .await
             .map_err(|_| RpcFailure::Shutdown)?;
-        // The swarm enforces the request timeout once connected, and the transport a 10 s
-        // connection timeout; this outer one only guards against a lost reply.
-        match tokio::time::timeout(self.dht.rpc_timeout() + Duration::from_secs(12), rx).await {
+        // The swarm enforces the request timeout once connected (stalls sooner, in the
+        // codec), and the transport a 10 s connection timeout; this outer one only guards
+        // against a lost reply.
+        let outer = self.dht.rpc_timeout()
+            + crate::swarm::codec::max_transfer_time(
+                Duration::ZERO,
+                colony_protocol::names::MAX_RPC_BYTES,
+            )
+            + Duration::from_secs(12);
+        match tokio::time::timeout(outer, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(RpcFailure::Shutdown),
             Err(_) => Err(RpcFailure::Failed {

@@ -274,6 +274,24 @@ impl Matchmaker {
         deadline: Instant,
         cfg: &MatchConfig,
     ) -> anyhow::Result<Option<Group>> {
+        self.form_group_expecting(epoch, len, offer, deadline, cfg, &[])
+            .await
+    }
+
+    /// As [`Self::form_group`], knowing that the peers in `expected` meant to join this
+    /// attempt (they said so in their progress records): when some of their declarations
+    /// are not in the DHT at the deadline, the declarations are read again for a short grace
+    /// (a peer whose last micro-batch ran long declares late; without the grace it would be
+    /// left out, download the state, and be late again at the next step).
+    pub async fn form_group_expecting(
+        &self,
+        epoch: u64,
+        len: usize,
+        offer: Offer,
+        deadline: Instant,
+        cfg: &MatchConfig,
+        expected: &[PeerId],
+    ) -> anyhow::Result<Option<Group>> {
         {
             let mut s = lock(&self.state);
             *s = State {
@@ -281,7 +299,9 @@ impl Matchmaker {
                 ..State::default()
             };
         }
-        let result = self.match_epoch(epoch, len, offer, deadline, cfg).await;
+        let result = self
+            .match_epoch(epoch, len, offer, deadline, cfg, expected)
+            .await;
         let mut s = lock(&self.state);
         s.epoch = None;
         result
@@ -294,6 +314,7 @@ impl Matchmaker {
         offer: Offer,
         deadline: Instant,
         cfg: &MatchConfig,
+        expected: &[PeerId],
     ) -> anyhow::Result<Option<Group>> {
         let me = self.h.peer_id();
         let key = DhtKey::run_group(&self.run, epoch)?;
@@ -323,7 +344,7 @@ impl Matchmaker {
             deadline_ms,
             tolerance_ms: cfg.commit_wait.as_millis() as u64,
         };
-        if lead && let Some(group) = self.try_lead(attempt, offer, &key, cfg).await? {
+        if lead && let Some(group) = self.try_lead(attempt, offer, &key, cfg, expected).await? {
             return Ok(Some(group));
         }
         // Follow: wait for the commit of the leader this peer joined.
@@ -354,15 +375,30 @@ impl Matchmaker {
         offer: Offer,
         key: &DhtKey,
         cfg: &MatchConfig,
+        expected: &[PeerId],
     ) -> anyhow::Result<Option<Group>> {
         let Attempt { epoch, len, .. } = attempt;
         let me = self.h.peer_id();
-        let mut decls = match self.h.dht_get(key).await {
-            Ok(got) => declarations(&got.entries, attempt),
-            Err(e) => {
-                tracing::warn!(run = %self.run, epoch, "cannot read declarations: {e:#}");
-                Vec::new()
+        let grace_until = Instant::now() + declaration_grace(cfg);
+        let mut decls = loop {
+            let decls = match self.h.dht_get(key).await {
+                Ok(got) => declarations(&got.entries, attempt),
+                Err(e) => {
+                    tracing::warn!(run = %self.run, epoch, "cannot read declarations: {e:#}");
+                    Vec::new()
+                }
+            };
+            let missing = expected
+                .iter()
+                .filter(|p| **p != me && !decls.iter().any(|d| d.peer == p.to_bytes()))
+                .count();
+            if missing == 0 || Instant::now() >= grace_until {
+                if missing > 0 {
+                    tracing::info!(run = %self.run, epoch, missing, "expected declarations still missing after the grace");
+                }
+                break decls;
             }
+            tokio::time::sleep(GRACE_POLL).await;
         };
         decls.retain(|d| d.peer != me.to_bytes());
         decls.push(Declaration {
@@ -525,6 +561,16 @@ fn peer_ids(members: &[Vec<u8>]) -> Vec<PeerId> {
         .iter()
         .filter_map(|m| PeerId::from_bytes(m).ok())
         .collect()
+}
+
+/// How often the declarations are read again while an expected one is missing.
+const GRACE_POLL: Duration = Duration::from_millis(150);
+
+/// How long past the deadline a peer waits for the declarations of peers that said they
+/// would join: a third of the commit wait, so the followers (who wait the commit wait after
+/// their own reading) still see the commit.
+fn declaration_grace(cfg: &MatchConfig) -> Duration {
+    cfg.commit_wait / 3
 }
 
 /// Which matchmaking attempt a peer is in: declarations of other attempts are ignored.

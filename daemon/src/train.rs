@@ -443,6 +443,18 @@ pub async fn train<Batch: Send + 'static>(
                     urgent.notify_one();
                 }
             }
+            // Joining another peer's proposal: say so, so that the peers reading the
+            // declarations at the start wait a little for ours if it comes late.
+            if let Decision::Average {
+                start_ms,
+                propose: false,
+            } = decision
+                && ready_at != Some(start_ms)
+            {
+                ready_at = Some(start_ms);
+                local_tx.send_replace(Some(progress(trainer.samples(), sps, ready_at, mean_loss)));
+                urgent.notify_one();
+            }
             // Keep computing until the start is a micro-batch (plus the declaration's lead)
             // away: matchmaking overlaps the last micro-batches.
             let compute = match decision {
@@ -566,8 +578,23 @@ pub async fn train<Batch: Send + 'static>(
                     let group = if others_here == 0 && !cfg.client {
                         Ok(None)
                     } else {
-                        mm.form_group(epoch, len, offer, deadline, &cfg.matching)
-                            .await
+                        // The peers accumulating for this epoch will join this start (the
+                        // start is the earliest proposed, the same for all of them): their
+                        // declarations are waited for a little if they come late.
+                        let expected: Vec<PeerId> = records
+                            .iter()
+                            .filter(|r| r.epoch == epoch)
+                            .filter_map(|r| PeerId::from_bytes(&r.peer).ok())
+                            .collect();
+                        mm.form_group_expecting(
+                            epoch,
+                            len,
+                            offer,
+                            deadline,
+                            &cfg.matching,
+                            &expected,
+                        )
+                        .await
                     };
                     let outcome: Result<StepEvent, String> = match group {
                         Ok(Some(group)) => {

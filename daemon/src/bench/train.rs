@@ -76,6 +76,10 @@ pub struct TrainBenchArgs {
     /// Second octet of the namespaces' addresses (10.NET.0.x).
     #[arg(long, default_value_t = 47)]
     pub net: u8,
+    /// Keep the peers' data folders (logs, summaries, checkpoints) here instead of in a
+    /// temporary folder that is removed.
+    #[arg(long)]
+    pub keep: Option<PathBuf>,
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -134,14 +138,22 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
     if a.peers < 2 {
         bail!("--peers must be at least 2");
     }
-    let dir = tempfile::tempdir()?;
+    let tmp = tempfile::tempdir()?;
+    let dir = match &a.keep {
+        Some(keep) => {
+            std::fs::create_dir_all(keep)
+                .with_context(|| format!("cannot create {}", keep.display()))?;
+            keep.clone()
+        }
+        None => tmp.path().to_owned(),
+    };
     if let Some(size) = a.model.strip_prefix("albert-") {
         let data = a
             .data
             .clone()
             .unwrap_or_else(|| PathBuf::from("/usr/share/games/fortunes"));
         let corpus = Corpus::read(&data).with_context(|| format!("reading {}", data.display()))?;
-        let tok_path = dir.path().join("tokenizer.json");
+        let tok_path = dir.as_path().join("tokenizer.json");
         let tokenizer = AlbertJob::tokenizer_for(&corpus, &tok_path, a.vocab)?;
         let lr = a.lr.unwrap_or(0.01);
         let cli = strings(&[
@@ -168,7 +180,7 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
             gpu: 0,
             tokenized: Default::default(),
         };
-        bench_job(&a, dir.path(), job, cli).await
+        bench_job(&a, dir.as_path(), job, cli).await
     } else if let Some(backbone) = a.model.strip_prefix("swav-") {
         let data = a.data.clone().unwrap_or_else(|| PathBuf::from("digits"));
         let global = match &a.crops {
@@ -176,7 +188,7 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
             None => 224,
         };
         let (images, data) = if data.as_os_str() == "synthetic" {
-            let folder = dir.path().join("images");
+            let folder = dir.as_path().join("images");
             (synthetic_images(&folder, global * 8 / 7)?, folder)
         } else {
             (SwavJob::load_images(&data, global * 8 / 7)?, data)
@@ -200,7 +212,7 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
             backend: a.backend,
             gpu: 0,
         };
-        bench_job(&a, dir.path(), job, cli).await
+        bench_job(&a, dir.as_path(), job, cli).await
     } else {
         bail!("--model {:?}: albert-* or swav-*", a.model)
     }
@@ -387,6 +399,11 @@ fn in_namespaces(
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &lab.hosts[i].ns])
             .arg(&exe)
+            // The matchmaking's view in the logs explains a step that was not averaged.
+            .args([
+                "--log",
+                "warn,colony_daemon::train=info,colony_daemon::matchmaking=info",
+            ])
             .arg("train")
             .args(cli)
             .args(["--model", &a.model, "--run", "bench"])
@@ -429,7 +446,8 @@ fn in_namespaces(
             wait_for_log(&data.join("log.txt"), "· peer ", Duration::from_secs(60))?;
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(60 + 60 * a.steps);
+    // Well inside a test runner's limit (5 min for 4 steps), so a stuck run reports its logs.
+    let deadline = Instant::now() + Duration::from_secs(60 + 40 * a.steps);
     for (i, c) in children.iter_mut().enumerate() {
         let log = peers[i].0.join("log.txt");
         let status = loop {
@@ -437,11 +455,15 @@ fn in_namespaces(
                 break s;
             }
             if Instant::now() > deadline {
-                bail!(
-                    "peer {i} did not finish in time; its log ({}):\n{}",
-                    log.display(),
-                    tail(&log)
-                );
+                let logs: String = peers
+                    .iter()
+                    .enumerate()
+                    .map(|(k, (data, _))| {
+                        let log = data.join("log.txt");
+                        format!("--- peer {k} ({}):\n{}\n", log.display(), tail(&log))
+                    })
+                    .collect();
+                bail!("peer {i} did not finish in time; the peers' logs:\n{logs}");
             }
             std::thread::sleep(Duration::from_millis(200));
         };
@@ -506,6 +528,20 @@ fn tail(path: &std::path::Path) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
+/// One line of a peer's steps, e.g. `0:avg(3 peers) 1:alone 2:skipped(round failed) 2:dl(2)`.
+fn describe_events(events: &[StepEvent]) -> String {
+    let words: Vec<String> = events
+        .iter()
+        .map(|e| match e {
+            StepEvent::Averaged { epoch, peers, .. } => format!("{epoch}:avg({peers} peers)"),
+            StepEvent::Alone { epoch, .. } => format!("{epoch}:alone"),
+            StepEvent::Downloaded { epoch, donors, .. } => format!("{epoch}:dl({donors})"),
+            StepEvent::Skipped { epoch, why } => format!("{epoch}:skipped({why})"),
+        })
+        .collect();
+    words.join(" ")
+}
+
 /// The single-process replay and the compute-only run against the swarm's record.
 fn analyse<J: TrainJob>(a: &TrainBenchArgs, job: &J, run: SwarmRun) -> anyhow::Result<()> {
     let SwarmRun {
@@ -559,6 +595,9 @@ fn analyse<J: TrainJob>(a: &TrainBenchArgs, job: &J, run: SwarmRun) -> anyhow::R
         eprintln!(
             "note: peer 0 averaged {averaged_steps} of {steps} steps (the others were taken alone or downloaded); the parameter comparison covers the averaged ones only"
         );
+        for (p, s) in summaries.iter().enumerate() {
+            eprintln!("peer {p}: {}", describe_events(&s.events));
+        }
     }
     let loss_at_step: Vec<f64> = loss_num
         .iter()

@@ -11,7 +11,7 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use anyhow::Context;
-use colony_protocol::names::{IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_GOSSIP_BYTES};
+use colony_protocol::names::{IDENTIFY_PROTOCOL, KAD_PROTOCOL, MAX_GOSSIP_BYTES, MAX_RPC_BYTES};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
@@ -91,14 +91,18 @@ fn behaviour(
         Reachability::Auto => None,
     });
 
-    // A peer gets somewhat less than the whole request timeout to send its message, so a
-    // stalled stream is seen (and penalised) by the codec before libp2p drops it silently.
+    // A stream that goes silent for somewhat less than the RPC timeout is seen (and
+    // penalised) by the codec before libp2p would drop it silently; a large answer on a slow
+    // but steady link may take longer (the codec's minimum rate), so the request as a whole
+    // gets the time a largest message needs at that rate.
     let read_timeout = config.dht.rpc_timeout().mul_f32(0.8);
     let rpc = request_response::Behaviour::with_codec(
         RpcCodec::new(read_timeout),
         [(codec::PROTOCOL, request_response::ProtocolSupport::Full)],
         request_response::Config::default()
-            .with_request_timeout(config.dht.rpc_timeout())
+            .with_request_timeout(
+                config.dht.rpc_timeout() + codec::max_transfer_time(Duration::ZERO, MAX_RPC_BYTES),
+            )
             .with_max_concurrent_streams(config.limits.max_inbound_streams),
     );
 

@@ -284,3 +284,50 @@ async fn declarations_of_an_earlier_attempt_are_ignored() {
         assert_eq!(members, want);
     }
 }
+
+/// A peer whose last micro-batch ran long declares after the others' deadline. The others
+/// know it meant to join (its progress record), wait for its declaration for the grace, and
+/// all three end in one group. Without the grace the late peer was left out at every step
+/// (seen in CI: it downloaded the state and was late again at the next step).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_declaration_of_an_expected_peer_is_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let swarm = swarm(3, dir.path()).await;
+    let cfg = MatchConfig {
+        commit_wait: Duration::from_secs(3),
+        ..config(None)
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let ids: Vec<_> = swarm.nodes.iter().map(|n| n.peer_id()).collect();
+    let calls = swarm.nodes.iter().enumerate().map(|(i, node)| {
+        let (cfg, ids) = (cfg.clone(), ids.clone());
+        async move {
+            let mm = Matchmaker::new(node.handle.clone(), "late-run")
+                .await
+                .unwrap();
+            if i == 2 {
+                // Late by 600 ms: within the grace (a third of the 3 s commit wait).
+                tokio::time::sleep_until(deadline + Duration::from_millis(600)).await;
+            }
+            let offer = Offer {
+                mode: Node,
+                weight: 1.0,
+                up: 1e6,
+                down: 1e6,
+            };
+            let g = mm
+                .form_group_expecting(4, 1_000, offer, deadline, &cfg, &ids)
+                .await
+                .unwrap();
+            mm.close().await;
+            g
+        }
+    });
+    let groups = futures::future::join_all(calls).await;
+    for (i, g) in groups.iter().enumerate() {
+        let g = g
+            .as_ref()
+            .unwrap_or_else(|| panic!("node {i} is in no group"));
+        assert_eq!(g.members.len(), 3, "node {i}: the late peer was left out");
+    }
+}
