@@ -138,6 +138,13 @@ pub struct NodeArgs {
     /// Relay to listen through when private (repeatable).
     #[arg(long = "relay", env = "COLONY_RELAYS", value_delimiter = ',')]
     pub relays: Vec<Multiaddr>,
+    /// Serve Hogwild! inference jobs with this model (a GGUF file or a Hugging Face folder):
+    /// peer RPC and the OpenAI-compatible `POST /v1/chat/completions`.
+    #[arg(long, env = "COLONY_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Inference jobs that may wait behind the running one (more are refused).
+    #[arg(long)]
+    pub infer_queue: Option<usize>,
 }
 
 impl NodeArgs {
@@ -169,6 +176,16 @@ impl NodeArgs {
         }
         if !self.relays.is_empty() {
             c.relays = self.relays.clone();
+        }
+        if let Some(m) = &self.model {
+            c.infer = Some(crate::config::InferConfig {
+                model: m.clone(),
+                queue: 8,
+                max_tokens: 2048,
+            });
+        }
+        if let (Some(q), Some(i)) = (self.infer_queue, c.infer.as_mut()) {
+            i.queue = q;
         }
         c.validate()?;
         Ok(c)

@@ -40,6 +40,29 @@ pub struct NodeConfig {
     pub services: Vec<String>,
     pub dht: DhtConfig,
     pub limits: LimitsConfig,
+    /// Serve inference jobs (peer RPC and `/v1/chat/completions`) with this model.
+    pub infer: Option<InferConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferConfig {
+    /// A GGUF file or a Hugging Face folder.
+    pub model: PathBuf,
+    /// Jobs waiting behind the running one.
+    #[serde(default = "default_infer_queue")]
+    pub queue: usize,
+    /// Tokens per worker a job may ask for.
+    #[serde(default = "default_infer_max_tokens")]
+    pub max_tokens: u32,
+}
+
+fn default_infer_queue() -> usize {
+    8
+}
+
+fn default_infer_max_tokens() -> u32 {
+    2048
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -93,6 +116,7 @@ impl Default for NodeConfig {
             services: vec!["dht".into()],
             dht: DhtConfig::default(),
             limits: LimitsConfig::default(),
+            infer: None,
         }
     }
 }

@@ -509,6 +509,17 @@ impl NodeHandle {
             .map_err(|_| anyhow!("the node has stopped"))
     }
 
+    /// Serves inference jobs with `handler` (None: stops serving them).
+    pub async fn set_infer_handler(
+        &self,
+        handler: Option<crate::swarm::actor::InferHandler>,
+    ) -> anyhow::Result<()> {
+        self.tx
+            .send(Command::SetInferHandler(handler))
+            .await
+            .map_err(|_| anyhow!("the node has stopped"))
+    }
+
     pub async fn unregister_state_handler(&self, run: String) {
         let _ = self.tx.send(Command::UnregisterStateHandler { run }).await;
     }

@@ -21,6 +21,7 @@ use crate::handle::{NodeHandle, StoreReport};
 pub async fn serve(
     addr: SocketAddr,
     handle: NodeHandle,
+    infer: Option<crate::infer_service::InferService>,
     cancel: CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<SocketAddr> {
@@ -28,7 +29,7 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot bind the HTTP API to {addr}"))?;
     let bound = listener.local_addr()?;
-    let app = router(handle);
+    let app = router(handle).merge(crate::openai::router(infer));
     tasks.spawn(async move {
         let shutdown = async move { cancel.cancelled().await };
         if let Err(e) = axum::serve(listener, app)

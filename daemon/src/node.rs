@@ -27,6 +27,8 @@ use crate::{http, identity, swarm};
 pub struct Node {
     pub handle: NodeHandle,
     pub http_addr: Option<SocketAddr>,
+    /// The inference service, when the node serves a model.
+    pub infer: Option<crate::infer_service::InferService>,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -50,8 +52,11 @@ impl Node {
         Self::start_with_key(config, key).await
     }
 
-    pub async fn start_with_key(config: NodeConfig, key: Keypair) -> anyhow::Result<Self> {
+    pub async fn start_with_key(mut config: NodeConfig, key: Keypair) -> anyhow::Result<Self> {
         config.validate()?;
+        if config.infer.is_some() && !config.services.iter().any(|s| s == "infer") {
+            config.services.push("infer".into());
+        }
         let data = DataDir::new(&config.data_dir);
         std::fs::create_dir_all(data.root())
             .with_context(|| format!("cannot create data directory {}", data.root().display()))?;
@@ -105,10 +110,44 @@ impl Node {
         let span = tracing::info_span!("swarm", peer = %short(&peer_id));
         tasks.spawn(actor.run(cancel.clone()).instrument(span));
 
-        let http_addr = match config.http {
-            Some(addr) => {
-                Some(http::serve(addr, handle.clone(), cancel.clone(), &mut tasks).await?)
+        let infer = match &config.infer {
+            Some(ic) => {
+                let (path, limits) = (
+                    ic.model.clone(),
+                    crate::infer_service::InferLimits {
+                        queue: ic.queue,
+                        max_tokens: ic.max_tokens,
+                        ..Default::default()
+                    },
+                );
+                let svc = tokio::task::spawn_blocking(move || {
+                    crate::infer_service::InferService::start(&path, limits)
+                })
+                .await
+                .context("the model loader panicked")?
+                .with_context(|| format!("cannot serve {}", ic.model.display()))?;
+                handle.set_infer_handler(Some(svc.rpc_handler())).await?;
+                let (s, c) = (svc.clone(), cancel.clone());
+                tasks.spawn(async move {
+                    c.cancelled().await;
+                    s.stop();
+                });
+                info!(model = %svc.model(), "serving inference jobs");
+                Some(svc)
             }
+            None => None,
+        };
+        let http_addr = match config.http {
+            Some(addr) => Some(
+                http::serve(
+                    addr,
+                    handle.clone(),
+                    infer.clone(),
+                    cancel.clone(),
+                    &mut tasks,
+                )
+                .await?,
+            ),
             None => None,
         };
 
@@ -127,6 +166,7 @@ impl Node {
         Ok(Self {
             handle,
             http_addr,
+            infer,
             cancel,
             tasks,
         })

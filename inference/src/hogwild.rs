@@ -137,6 +137,8 @@ pub struct HogwildConfig {
     pub finisher_tokens: usize,
     /// The text that makes the finisher answer (after everything the workers wrote).
     pub finisher: String,
+    /// Checked before every pass: once set, [`Engine::run`] stops (no finisher) and says so.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for HogwildConfig {
@@ -150,6 +152,7 @@ impl Default for HogwildConfig {
             finisher:
                 "\n\nTime is up. Taking all of the work above into account, the final answer is:"
                     .into(),
+            cancel: None,
         }
     }
 }
@@ -184,6 +187,8 @@ pub struct HogwildOutput {
     pub seconds: f64,
     /// Seconds spent in the workers' passes only (excluding prefill and finisher).
     pub decode_seconds: f64,
+    /// Stopped by [`HogwildConfig::cancel`] (the answer is empty).
+    pub cancelled: bool,
 }
 
 /// One worker's state.
@@ -257,6 +262,25 @@ impl<'a, D: Decoder> Engine<'a, D> {
         question: &str,
         cfg: HogwildConfig,
     ) -> anyhow::Result<Self> {
+        Self::with_messages(dec, tok, &[Message::new("user", question)], cfg)
+    }
+
+    /// A conversation whose last message is the user's question. One worker decodes the
+    /// conversation as the chat template lays it out; several workers get the system messages
+    /// as they are and the earlier turns quoted before the question in the collaboration
+    /// prompt.
+    pub fn with_messages(
+        dec: D,
+        tok: &'a Tokenizer,
+        messages: &[Message],
+        cfg: HogwildConfig,
+    ) -> anyhow::Result<Self> {
+        let Some((last, earlier)) = messages.split_last() else {
+            anyhow::bail!("no messages");
+        };
+        if last.role != "user" {
+            anyhow::bail!("the last message must be the user's, not {:?}", last.role);
+        }
         if !(1..=NAMES.len()).contains(&cfg.workers) {
             anyhow::bail!("workers must be 1 to {}, not {}", NAMES.len(), cfg.workers);
         }
@@ -277,7 +301,7 @@ impl<'a, D: Decoder> Engine<'a, D> {
         };
         let n = e.cfg.workers;
         if n == 1 {
-            let prompt = tok.render_chat(&[Message::new("user", question)], true)?;
+            let prompt = tok.render_chat(messages, true)?;
             let ids = tok.encode(&prompt)?;
             let (last, head) = ids
                 .split_last()
@@ -287,10 +311,30 @@ impl<'a, D: Decoder> Engine<'a, D> {
             e.workers[0].step = 1;
             return Ok(e);
         }
-        let prompt = tok.render_chat(
-            &[Message::new("user", &collaboration_prompt(n, question))],
-            true,
-        )? + "### Past steps\n\n";
+        let mut history = String::new();
+        for m in earlier.iter().filter(|m| m.role != "system") {
+            let who = if m.role == "assistant" {
+                "Assistant"
+            } else {
+                "User"
+            };
+            history += &format!("{who}: {}\n\n", m.content);
+        }
+        let question = if history.is_empty() {
+            last.content.clone()
+        } else {
+            format!(
+                "Earlier in this conversation:\n\n{history}Now: {}",
+                last.content
+            )
+        };
+        let mut chat: Vec<Message> = earlier
+            .iter()
+            .filter(|m| m.role == "system")
+            .cloned()
+            .collect();
+        chat.push(Message::new("user", &collaboration_prompt(n, &question)));
+        let prompt = tok.render_chat(&chat, true)? + "### Past steps\n\n";
         e.prefill(COMMON, &[], &tok.encode(&prompt)?);
         let common = Segment {
             block: COMMON,
@@ -495,7 +539,17 @@ impl<'a, D: Decoder> Engine<'a, D> {
         let t0 = Instant::now();
         let mut decode_s = 0.0;
         let mut finished = false;
+        let mut cancelled = false;
         for _ in 0..self.cfg.max_tokens {
+            if self
+                .cfg
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                cancelled = true;
+                break;
+            }
             let t1 = Instant::now();
             let logits = self.pass();
             decode_s += t1.elapsed().as_secs_f64();
@@ -511,7 +565,9 @@ impl<'a, D: Decoder> Engine<'a, D> {
                 break;
             }
         }
-        let answer = if self.cfg.workers == 1 {
+        let answer = if cancelled {
+            String::new()
+        } else if self.cfg.workers == 1 {
             let ids: Vec<u32> = self.workers[0]
                 .transcript
                 .iter()
@@ -536,6 +592,7 @@ impl<'a, D: Decoder> Engine<'a, D> {
             passes: self.passes,
             seconds: t0.elapsed().as_secs_f64(),
             decode_seconds: decode_s,
+            cancelled,
         })
     }
 

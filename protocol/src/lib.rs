@@ -11,6 +11,7 @@
 //! - [`dht`]: the DHT key schema, records with per-subkey expiry and ownership, the merge rule.
 //! - [`rpc`]: peer RPC requests and responses.
 //! - [`allreduce`]: all-reduce parts and results.
+//! - [`infer`]: inference jobs (start, poll for tokens, cancel).
 //! - [`envelope`]: signed envelopes for payloads that must be attributable to a node.
 
 pub mod allreduce;
@@ -18,6 +19,7 @@ pub mod codec;
 pub mod dht;
 pub mod envelope;
 pub mod identity;
+pub mod infer;
 pub mod names;
 pub mod rpc;
 pub mod train;

@@ -32,6 +32,8 @@ pub enum Request {
     Group(GroupRequest),
     /// Training-state download (a joiner fetching parameters and optimizer state).
     State(StateRequest),
+    /// Inference jobs (Hogwild! decoding on a node that serves a model).
+    Infer(crate::infer::InferRequest),
 }
 
 /// The answer to a [`Request`].
@@ -56,6 +58,7 @@ pub enum Response {
     Group(GroupResponse),
     State(StateResponse),
     Error(RpcError),
+    Infer(crate::infer::InferResponse),
 }
 
 /// What happened to one entry of a store request.
@@ -118,6 +121,7 @@ impl Request {
             Request::Probe { .. } => "probe",
             Request::Group(_) => "group",
             Request::State(_) => "state",
+            Request::Infer(_) => "infer",
         }
     }
 }

@@ -166,6 +166,8 @@ pub enum Command {
     UnregisterStateHandler {
         run: String,
     },
+    /// Serve inference jobs with this handler (None: stop serving them).
+    SetInferHandler(Option<InferHandler>),
     Subscribe {
         topic: String,
         reply: oneshot::Sender<Result<(), String>>,
@@ -198,6 +200,26 @@ impl std::fmt::Debug for StateHandler {
     }
 }
 
+/// Answers one inference-job request (synchronously, inside the actor: queueing, copying
+/// events out and setting a cancel flag never block; the decoding runs elsewhere).
+#[derive(Clone)]
+pub struct InferHandler(
+    pub  Arc<
+        dyn Fn(
+                PeerId,
+                colony_protocol::infer::InferRequest,
+            ) -> colony_protocol::infer::InferResponse
+            + Send
+            + Sync,
+    >,
+);
+
+impl std::fmt::Debug for InferHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InferHandler")
+    }
+}
+
 #[derive(Default)]
 struct PeerState {
     addresses: Vec<Multiaddr>,
@@ -222,6 +244,7 @@ pub struct SwarmActor {
     rounds: HashMap<RoundId, mpsc::Sender<(PeerId, PartMessage)>>,
     group_handlers: HashMap<String, GroupHandler>,
     state_handlers: HashMap<String, StateHandler>,
+    infer_handler: Option<InferHandler>,
     pending_parts:
         HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<PartAck, RpcFailure>>>,
     data_dir: DataDir,
@@ -269,6 +292,7 @@ impl SwarmActor {
             rounds: HashMap::new(),
             group_handlers: HashMap::new(),
             state_handlers: HashMap::new(),
+            infer_handler: None,
             pending_parts: HashMap::new(),
             data_dir,
             services,
@@ -439,6 +463,7 @@ impl SwarmActor {
             Command::UnregisterStateHandler { run } => {
                 self.state_handlers.remove(&run);
             }
+            Command::SetInferHandler(h) => self.infer_handler = h,
             Command::UnregisterGroupHandler { run } => {
                 self.group_handlers.remove(&run);
             }
@@ -588,6 +613,12 @@ impl SwarmActor {
                     None => StateResponse::Unavailable(format!("not training run {run:?}")),
                 })
             }
+            Request::Infer(r) => Response::Infer(match &self.infer_handler {
+                Some(h) => (h.0)(peer, r),
+                None => colony_protocol::infer::InferResponse::Refused(
+                    "this node serves no model".into(),
+                ),
+            }),
         }
     }
 

@@ -5,6 +5,7 @@
 
 mod allreduce;
 mod in_process;
+mod infer;
 mod matchmaking;
 mod misbehaviour;
 mod netns_allreduce;
