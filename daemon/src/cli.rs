@@ -31,7 +31,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node until SIGINT or SIGTERM.
-    Node(NodeArgs),
+    Node(NodeCommand),
     /// Create a node key (prints its peer id).
     Keygen {
         /// Where to write the key.
@@ -138,6 +138,13 @@ pub struct NodeArgs {
     /// Relay to listen through when private (repeatable).
     #[arg(long = "relay", env = "COLONY_RELAYS", value_delimiter = ',')]
     pub relays: Vec<Multiaddr>,
+}
+
+/// `colony node`: the node's flags and what it serves.
+#[derive(Debug, Args)]
+pub struct NodeCommand {
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// Serve Hogwild! inference jobs with this model (a GGUF file or a Hugging Face folder):
     /// peer RPC and the OpenAI-compatible `POST /v1/chat/completions`.
     #[arg(long, env = "COLONY_MODEL")]
@@ -145,6 +152,26 @@ pub struct NodeArgs {
     /// Inference jobs that may wait behind the running one (more are refused).
     #[arg(long)]
     pub infer_queue: Option<usize>,
+}
+
+impl NodeCommand {
+    pub fn resolve(&self) -> anyhow::Result<NodeConfig> {
+        let mut c = self.node.resolve()?;
+        if let Some(m) = &self.model {
+            c.infer = Some(crate::config::InferConfig {
+                model: m.clone(),
+                queue: 8,
+                max_tokens: 2048,
+            });
+        }
+        if let Some(q) = self.infer_queue {
+            match c.infer.as_mut() {
+                Some(i) => i.queue = q,
+                None => bail!("--infer-queue needs --model (or [infer] in the config file)"),
+            }
+        }
+        Ok(c)
+    }
 }
 
 impl NodeArgs {
@@ -176,16 +203,6 @@ impl NodeArgs {
         }
         if !self.relays.is_empty() {
             c.relays = self.relays.clone();
-        }
-        if let Some(m) = &self.model {
-            c.infer = Some(crate::config::InferConfig {
-                model: m.clone(),
-                queue: 8,
-                max_tokens: 2048,
-            });
-        }
-        if let (Some(q), Some(i)) = (self.infer_queue, c.infer.as_mut()) {
-            i.queue = q;
         }
         c.validate()?;
         Ok(c)
@@ -304,7 +321,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+async fn run_node(args: NodeCommand) -> anyhow::Result<()> {
     let config = args.resolve()?;
     let node = Node::start(config).await?;
     println!("peer id: {}", node.peer_id());
@@ -421,4 +438,17 @@ async fn api_send<T: serde::de::DeserializeOwned>(
         bail!("the node answered {status}: {msg}");
     }
     serde_json::from_str(&body).with_context(|| format!("unexpected answer from the API: {body}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Clap checks a command's arguments (unique names, valid defaults) only when that
+    /// command is parsed; this checks them all at once (a `--model` of `colony node` once
+    /// clashed with `colony train`'s, which flattens the node's flags).
+    #[test]
+    fn every_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

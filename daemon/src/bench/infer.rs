@@ -1,7 +1,9 @@
 //! `colony bench infer`: Hogwild! decoding speed on this machine, native CPU decoder, for
-//! several worker counts in one run (aggregate tokens/s, milliseconds per pass).
+//! several worker counts in one run (aggregate tokens/s, milliseconds per pass), and
+//! llama.cpp's single stream on the same GGUF, prompt, tokens and threads in the same run
+//! (`scripts/llama-venv.sh` sets it up).
 //!
-//! Not yet here (issue 5): llama.cpp in the same run, the GPU shapes and their bandwidth bound.
+//! Not yet here (issue 5): the GPU shapes and their bandwidth bound.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -26,6 +28,57 @@ pub struct InferBenchArgs {
     pub prompt: String,
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// The Python with llama-cpp-python to measure llama.cpp with ("auto": the one
+    /// `scripts/llama-venv.sh` makes, if it is there; "off": skip).
+    #[arg(long, default_value = "auto")]
+    pub llama_cpp: String,
+}
+
+/// llama.cpp's single stream, as `scripts/llama_cpp_bench.py` reports it.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct LlamaCpp {
+    llama_cpp_python: String,
+    prompt_tokens: usize,
+    tokens: usize,
+    threads: usize,
+    prefill_s: f64,
+    decode_s: f64,
+    tokens_per_s: f64,
+    ms_per_token: f64,
+}
+
+/// Runs llama.cpp on the same model, prompt, tokens and threads.
+fn llama_cpp(
+    python: &std::path::Path,
+    model: &std::path::Path,
+    prompt: &str,
+    tokens: usize,
+    threads: usize,
+) -> anyhow::Result<LlamaCpp> {
+    use anyhow::Context;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/llama_cpp_bench.py");
+    let dir = tempfile::tempdir()?;
+    let prompt_file = dir.path().join("prompt.txt");
+    std::fs::write(&prompt_file, prompt)?;
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg(model)
+        .arg(&prompt_file)
+        .arg(tokens.to_string())
+        .arg(threads.to_string())
+        .output()
+        .with_context(|| format!("cannot run {}", python.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "llama.cpp benchmark failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    serde_json::from_str(line).with_context(|| format!("llama.cpp benchmark printed {line:?}"))
 }
 
 #[derive(Debug, Serialize)]
@@ -90,8 +143,63 @@ pub fn run(a: InferBenchArgs) -> anyhow::Result<()> {
             one.map_or(String::new(), |o| format!(", {:.2}× one worker", tps / o))
         );
     }
+    // llama.cpp's single stream on the same chat prompt as one worker decodes.
+    let python = match a.llama_cpp.as_str() {
+        "off" => None,
+        "auto" => {
+            let p = PathBuf::from(".cache/llama-venv/bin/python");
+            if p.exists() {
+                Some(p)
+            } else {
+                eprintln!(
+                    "note: llama.cpp not measured (run scripts/llama-venv.sh, or pass --llama-cpp PYTHON)"
+                );
+                None
+            }
+        }
+        p => Some(PathBuf::from(p)),
+    };
+    let mut peer = None;
+    if let Some(py) = python {
+        let prompt = tok.render_chat(
+            &[colony_inference::tokenizer::Message::new("user", &a.prompt)],
+            true,
+        )?;
+        match llama_cpp(&py, &a.model, &prompt, a.tokens, threads) {
+            Ok(l) => peer = Some(l),
+            // Our own figures still count: say why the peer is missing and go on.
+            Err(e) => eprintln!("warning: llama.cpp not measured: {e:#}"),
+        }
+    }
+    if let Some(l) = &peer {
+        println!(
+            "llama.cpp {} (one stream, {} threads): {:>7.1} tokens/s, {:>6.1} ms per token",
+            l.llama_cpp_python, l.threads, l.tokens_per_s, l.ms_per_token
+        );
+        if let Some(one) = cases.iter().find(|c| c.workers == 1) {
+            println!(
+                "one worker vs llama.cpp: {:.2}× slower (target ≤ 1.5×)",
+                l.tokens_per_s / one.tokens_per_s
+            );
+        }
+        if let Some(four) = cases.iter().find(|c| c.workers == 4) {
+            println!(
+                "four workers together vs llama.cpp's stream: {:.2}× (target > 1)",
+                four.tokens_per_s / l.tokens_per_s
+            );
+        }
+    }
     if let Some(p) = &a.json {
-        super::write_json(p, "infer", &cases)?;
+        let mut docs = Vec::new();
+        for c in &cases {
+            docs.push(serde_json::to_value(c)?);
+        }
+        if let Some(l) = &peer {
+            let mut v = serde_json::to_value(l)?;
+            v["decoder"] = "llama.cpp (one stream)".into();
+            docs.push(v);
+        }
+        super::write_json(p, "infer", &docs)?;
     }
     Ok(())
 }
