@@ -49,15 +49,7 @@ pub fn run(a: InferArgs) -> anyhow::Result<()> {
     let cfg = HogwildConfig {
         workers: a.workers,
         max_tokens: a.max_tokens,
-        sampling: if a.temperature > 0.0 {
-            Sampling::Random {
-                temperature: a.temperature,
-                top_p: a.top_p,
-                seed: a.seed,
-            }
-        } else {
-            Sampling::Greedy
-        },
+        sampling: Sampling::from_temperature(a.temperature, a.top_p, a.seed),
         interject_every: a.interject_every,
         ..HogwildConfig::default()
     };

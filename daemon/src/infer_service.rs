@@ -438,15 +438,7 @@ fn run_job(
     let cfg = HogwildConfig {
         workers: usize::from(job.workers),
         max_tokens: job.max_tokens as usize,
-        sampling: if s.temperature > 0.0 {
-            Sampling::Random {
-                temperature: s.temperature,
-                top_p: s.top_p,
-                seed: s.seed,
-            }
-        } else {
-            Sampling::Greedy
-        },
+        sampling: Sampling::from_temperature(s.temperature, s.top_p, s.seed),
         cancel: Some(cancel.clone()),
         // The final answer gets the workers' budget too (at most 256 tokens).
         finisher_tokens: (job.max_tokens as usize).min(256),

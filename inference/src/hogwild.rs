@@ -124,6 +124,21 @@ pub enum Sampling {
     },
 }
 
+impl Sampling {
+    /// The usual knobs: temperature 0 (or below) is greedy decoding.
+    pub fn from_temperature(temperature: f32, top_p: f32, seed: u64) -> Self {
+        if temperature > 0.0 {
+            Self::Random {
+                temperature,
+                top_p,
+                seed,
+            }
+        } else {
+            Self::Greedy
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct HogwildConfig {
     /// 1 to 8.
