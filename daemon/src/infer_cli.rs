@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::Args;
-use colony_inference::cpu::{CpuDecoder, CpuModel};
+use colony_inference::Precision;
+use colony_inference::cpu::CpuDecoder;
 use colony_inference::hogwild::{Engine, HogwildConfig, NAMES, Sampling};
 
 #[derive(Debug, Args)]
@@ -36,6 +37,20 @@ pub struct InferArgs {
     /// Print JSON (transcripts, answer, timings) instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Multiply in f32 (dequantised weights, exact; several times slower) instead of on the
+    /// quantised blocks with 8-bit activations.
+    #[arg(long)]
+    pub f32: bool,
+}
+
+impl InferArgs {
+    fn precision(&self) -> Precision {
+        if self.f32 {
+            Precision::F32
+        } else {
+            Precision::Quantised
+        }
+    }
 }
 
 pub fn run(a: InferArgs) -> anyhow::Result<()> {
@@ -43,8 +58,7 @@ pub fn run(a: InferArgs) -> anyhow::Result<()> {
         bail!("--max-tokens must be at least 1");
     }
     let t0 = Instant::now();
-    let (weights, tok) = colony_inference::load(&a.model)?;
-    let model = CpuModel::new(weights);
+    let (model, tok) = colony_inference::load_cpu(&a.model, a.precision())?;
     let load_s = t0.elapsed().as_secs_f64();
     let cfg = HogwildConfig {
         workers: a.workers,

@@ -15,6 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use anyhow::Context;
+use colony_inference::Precision;
 use colony_inference::cpu::{CpuDecoder, CpuModel};
 use colony_inference::hogwild::{Engine, HogwildConfig, Sampling};
 use colony_inference::tokenizer::{Message, Tokenizer};
@@ -177,8 +178,7 @@ impl InferService {
     /// Loads the model at `path` (GGUF or a Hugging Face folder) and starts the decoding
     /// thread.
     pub fn start(path: &Path, limits: InferLimits) -> anyhow::Result<Self> {
-        let (weights, tok) = colony_inference::load(path)?;
-        let model = CpuModel::new(weights);
+        let (model, tok) = colony_inference::load_cpu(path, Precision::Quantised)?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

@@ -13,6 +13,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 
 use crate::gguf::Gguf;
+use crate::qmat::QMat;
 
 /// The shape of a Llama-family decoder.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -104,33 +105,124 @@ impl Mat {
     }
 }
 
+/// What a loader can read a weight matrix into: f32 ([`Mat`], for burn and as the oracle) or
+/// quantised blocks ([`QMat`], for the CPU decoder).
+pub trait Matrix: Sized {
+    /// Tensor `name` of a GGUF file, checked to be `[rows, cols]`.
+    fn read_gguf(g: &Gguf, name: &str, rows: usize, cols: usize) -> anyhow::Result<Self>;
+    /// Row i of the result is row `perm[i]`.
+    fn permute_rows(self, perm: &[usize]) -> Self;
+}
+
+fn check_shape(name: &str, shape: &[usize], rows: usize, cols: usize) -> anyhow::Result<()> {
+    if shape != [rows, cols] {
+        bail!("{name} is {shape:?}, expected [{rows}, {cols}]");
+    }
+    Ok(())
+}
+
+impl Matrix for Mat {
+    fn read_gguf(g: &Gguf, name: &str, rows: usize, cols: usize) -> anyhow::Result<Self> {
+        let (data, shape) = g.tensor_f32(name)?;
+        check_shape(name, &shape, rows, cols)?;
+        Mat::new(rows, cols, data)
+    }
+
+    fn permute_rows(self, perm: &[usize]) -> Self {
+        let c = self.cols;
+        let data = perm
+            .iter()
+            .flat_map(|&r| self.data[r * c..(r + 1) * c].iter().copied())
+            .collect();
+        Mat { data, ..self }
+    }
+}
+
+impl Matrix for QMat {
+    fn read_gguf(g: &Gguf, name: &str, rows: usize, cols: usize) -> anyhow::Result<Self> {
+        let info = g.info(name)?;
+        check_shape(name, &info.shape(), rows, cols)?;
+        let raw = g.raw(name)?;
+        QMat::from_ggml(info.kind, &raw, rows, cols)
+            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", g.path().display()))
+    }
+
+    fn permute_rows(self, perm: &[usize]) -> Self {
+        QMat::permute_rows(&self, perm)
+    }
+}
+
+/// The row permutation that takes half-split q/k rows (`heads` heads of `head_dim`) to
+/// interleaved: row i of the result is row `perm[i]`.
+pub fn half_split_permutation(heads: usize, head_dim: usize) -> Vec<usize> {
+    let half = head_dim / 2;
+    let mut perm = vec![0; heads * head_dim];
+    for h in 0..heads {
+        for i in 0..head_dim {
+            let dst = h * head_dim + if i < half { 2 * i } else { 2 * (i - half) + 1 };
+            perm[dst] = h * head_dim + i;
+        }
+    }
+    perm
+}
+
 #[derive(Debug, Clone)]
-pub struct LayerWeights {
+pub struct LayerWeights<M = Mat> {
     pub attn_norm: Vec<f32>,
     /// `[heads·head_dim, dim]`, interleaved RoPE layout.
-    pub wq: Mat,
-    pub wk: Mat,
-    pub wv: Mat,
+    pub wq: M,
+    pub wk: M,
+    pub wv: M,
     pub bq: Option<Vec<f32>>,
     pub bk: Option<Vec<f32>>,
     pub bv: Option<Vec<f32>>,
     /// `[dim, heads·head_dim]`.
-    pub wo: Mat,
+    pub wo: M,
     pub ffn_norm: Vec<f32>,
-    pub w_gate: Mat,
-    pub w_up: Mat,
-    pub w_down: Mat,
+    pub w_gate: M,
+    pub w_up: M,
+    pub w_down: M,
 }
 
 #[derive(Debug, Clone)]
-pub struct Weights {
+pub struct Weights<M = Mat> {
     pub config: Config,
     /// `[vocab, dim]`.
-    pub embed: Mat,
-    pub layers: Vec<LayerWeights>,
+    pub embed: M,
+    pub layers: Vec<LayerWeights<M>>,
     pub norm: Vec<f32>,
     /// `[vocab, dim]`; None when tied to `embed`.
-    pub output: Option<Mat>,
+    pub output: Option<M>,
+}
+
+impl<M> Weights<M> {
+    /// The same weights with every matrix converted by `f` (norms and biases kept).
+    pub fn map_matrices<N>(self, mut f: impl FnMut(M) -> N) -> Weights<N> {
+        Weights {
+            config: self.config,
+            embed: f(self.embed),
+            layers: self
+                .layers
+                .into_iter()
+                .map(|l| LayerWeights {
+                    attn_norm: l.attn_norm,
+                    wq: f(l.wq),
+                    wk: f(l.wk),
+                    wv: f(l.wv),
+                    bq: l.bq,
+                    bk: l.bk,
+                    bv: l.bv,
+                    wo: f(l.wo),
+                    ffn_norm: l.ffn_norm,
+                    w_gate: f(l.w_gate),
+                    w_up: f(l.w_up),
+                    w_down: f(l.w_down),
+                })
+                .collect(),
+            norm: self.norm,
+            output: self.output.map(f),
+        }
+    }
 }
 
 /// Permutes the rows of a half-split q/k projection (or bias, `cols` = 1) to interleaved.
@@ -140,21 +232,22 @@ pub fn half_split_to_interleaved(
     head_dim: usize,
     cols: usize,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; data.len()];
-    let half = head_dim / 2;
-    for h in 0..heads {
-        for i in 0..head_dim {
-            let src = h * head_dim + i;
-            let dst = h * head_dim + if i < half { 2 * i } else { 2 * (i - half) + 1 };
-            out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
-        }
-    }
-    out
+    half_split_permutation(heads, head_dim)
+        .iter()
+        .flat_map(|&r| data[r * cols..(r + 1) * cols].iter().copied())
+        .collect()
 }
 
 impl Weights {
-    /// Reads a GGUF file (Llama or Qwen2 architecture).
+    /// Reads a GGUF file (Llama or Qwen2 architecture) into f32 matrices.
     pub fn from_gguf(g: &Gguf) -> anyhow::Result<Self> {
+        Self::read_gguf(g)
+    }
+}
+
+impl<M: Matrix> Weights<M> {
+    /// Reads a GGUF file (Llama or Qwen2 architecture) into matrices of type `M`.
+    pub fn read_gguf(g: &Gguf) -> anyhow::Result<Self> {
         let arch = g.str("general.architecture")?.to_string();
         if arch != "llama" && arch != "qwen2" {
             bail!(
@@ -163,7 +256,7 @@ impl Weights {
             );
         }
         let k = |s: &str| format!("{arch}.{s}");
-        let (embed_data, embed_shape) = g.tensor_f32("token_embd.weight")?;
+        let embed_shape = g.info("token_embd.weight")?.shape();
         let dim = g.u64(&k("embedding_length"))? as usize;
         let heads = g.u64(&k("attention.head_count"))? as usize;
         let head_dim = g
@@ -190,18 +283,12 @@ impl Weights {
             tied: !g.tensors.contains_key("output.weight"),
         };
         config.check()?;
-        if embed_shape[1] != dim {
+        if embed_shape.get(1) != Some(&dim) {
             bail!("token_embd is {embed_shape:?}, the model width is {dim}");
         }
         // llama.cpp stores Llama's q/k interleaved already, Qwen2's half-split.
         let permute = arch == "qwen2";
-        let mat = |name: &str, rows: usize, cols: usize| -> anyhow::Result<Mat> {
-            let (data, shape) = g.tensor_f32(name)?;
-            if shape != [rows, cols] {
-                bail!("{name} is {shape:?}, expected [{rows}, {cols}]");
-            }
-            Mat::new(rows, cols, data)
-        };
+        let mat = |name: &str, rows: usize, cols: usize| M::read_gguf(g, name, rows, cols);
         let vec = |name: &str, n: usize| -> anyhow::Result<Vec<f32>> {
             let (data, _) = g.tensor_f32(name)?;
             if data.len() != n {
@@ -222,8 +309,8 @@ impl Weights {
                 .then(|| vec(&b("attn_k.bias"), kvd))
                 .transpose()?;
             if permute {
-                wq.data = half_split_to_interleaved(&wq.data, c.heads, c.head_dim, c.dim);
-                wk.data = half_split_to_interleaved(&wk.data, c.kv_heads, c.head_dim, c.dim);
+                wq = wq.permute_rows(&half_split_permutation(c.heads, c.head_dim));
+                wk = wk.permute_rows(&half_split_permutation(c.kv_heads, c.head_dim));
                 bq = bq.map(|v| half_split_to_interleaved(&v, c.heads, c.head_dim, 1));
                 bk = bk.map(|v| half_split_to_interleaved(&v, c.kv_heads, c.head_dim, 1));
             }
@@ -246,7 +333,7 @@ impl Weights {
             });
         }
         Ok(Self {
-            embed: Mat::new(c.vocab, c.dim, embed_data)?,
+            embed: mat("token_embd.weight", c.vocab, c.dim)?,
             layers,
             norm: vec("output_norm.weight", c.dim)?,
             output: if c.tied {
@@ -257,7 +344,9 @@ impl Weights {
             config,
         })
     }
+}
 
+impl Weights {
     /// Reads a Hugging Face folder: `config.json` and `model.safetensors` (or the shards named
     /// in `model.safetensors.index.json`). F32, F16 and BF16 tensors.
     pub fn from_hf_dir(dir: &Path) -> anyhow::Result<Self> {

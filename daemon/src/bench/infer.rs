@@ -3,13 +3,17 @@
 //! llama.cpp's single stream on the same GGUF, prompt, tokens and threads in the same run
 //! (`scripts/llama-venv.sh` sets it up).
 //!
+//! Each figure is the median of `--repeat` rounds (ours and llama.cpp's alternating: this
+//! machine's speed drifts by ±30% over minutes).
+//!
 //! Not yet here (issue 5): the GPU shapes and their bandwidth bound.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use colony_inference::cpu::{CpuDecoder, CpuModel};
+use colony_inference::Precision;
+use colony_inference::cpu::CpuDecoder;
 use colony_inference::hogwild::{Engine, HogwildConfig};
 use serde::Serialize;
 
@@ -32,6 +36,12 @@ pub struct InferBenchArgs {
     /// `scripts/llama-venv.sh` makes, if it is there; "off": skip).
     #[arg(long, default_value = "auto")]
     pub llama_cpp: String,
+    /// Measure the exact f32 decoder (dequantised weights) instead of the quantised one.
+    #[arg(long)]
+    pub f32: bool,
+    /// Rounds of every measurement (ours and llama.cpp's, alternating); medians are reported.
+    #[arg(long, default_value_t = 5)]
+    pub repeat: usize,
 }
 
 /// llama.cpp's single stream, as `scripts/llama_cpp_bench.py` reports it.
@@ -45,6 +55,8 @@ struct LlamaCpp {
     decode_s: f64,
     tokens_per_s: f64,
     ms_per_token: f64,
+    #[serde(default)]
+    tokens_per_s_each_round: Vec<f64>,
 }
 
 /// Runs llama.cpp on the same model, prompt, tokens and threads.
@@ -84,65 +96,69 @@ fn llama_cpp(
 #[derive(Debug, Serialize)]
 struct Case {
     model: String,
-    decoder: &'static str,
+    decoder: String,
     workers: usize,
     tokens_per_worker: usize,
     passes: usize,
+    rounds: usize,
+    /// Median of the rounds.
     tokens_per_s: f64,
+    tokens_per_s_each_round: Vec<f64>,
     ms_per_pass: f64,
     speedup_vs_one_worker: f64,
     threads: usize,
 }
 
-pub fn run(a: InferBenchArgs) -> anyhow::Result<()> {
-    let (weights, tok) = colony_inference::load(&a.model)?;
-    let model = CpuModel::new(weights);
-    let threads = rayon::current_num_threads();
-    let mut cases: Vec<Case> = Vec::new();
-    for &w in &a.workers {
-        let cfg = HogwildConfig {
-            workers: w,
-            max_tokens: a.tokens,
-            ..HogwildConfig::default()
-        };
-        let mut e = Engine::new(CpuDecoder::new(&model), &tok, &a.prompt, cfg)?;
-        let mut generated = 0usize;
-        let t0 = Instant::now();
-        for _ in 0..a.tokens {
-            let logits = e.pass();
-            for (k, l) in logits.into_iter().enumerate() {
-                if let Some(l) = l {
-                    // Greedy; a stop token is taken like any other so every count decodes
-                    // the same number of passes.
-                    let t = colony_inference::hogwild::argmax(&l);
-                    e.accept(k, t)?;
-                    generated += 1;
-                }
+/// Decodes `tokens` passes greedily with `workers` workers; (tokens generated, seconds).
+fn decode(
+    model: &colony_inference::cpu::CpuModel,
+    tok: &colony_inference::tokenizer::Tokenizer,
+    prompt: &str,
+    workers: usize,
+    tokens: usize,
+) -> anyhow::Result<(usize, f64)> {
+    let cfg = HogwildConfig {
+        workers,
+        max_tokens: tokens,
+        ..HogwildConfig::default()
+    };
+    let mut e = Engine::new(CpuDecoder::new(model), tok, prompt, cfg)?;
+    let mut generated = 0usize;
+    let t0 = Instant::now();
+    for _ in 0..tokens {
+        let logits = e.pass();
+        for (k, l) in logits.into_iter().enumerate() {
+            if let Some(l) = l {
+                // Greedy; a stop token is taken like any other so every count decodes the same
+                // number of passes.
+                let t = colony_inference::hogwild::argmax(&l);
+                e.accept(k, t)?;
+                generated += 1;
             }
         }
-        let secs = t0.elapsed().as_secs_f64();
-        let tps = generated as f64 / secs;
-        let one = cases
-            .iter()
-            .find(|c| c.workers == 1)
-            .map(|c| c.tokens_per_s);
-        cases.push(Case {
-            model: a.model.display().to_string(),
-            decoder: "native cpu, f32",
-            workers: w,
-            tokens_per_worker: a.tokens,
-            passes: a.tokens,
-            tokens_per_s: tps,
-            ms_per_pass: 1e3 * secs / a.tokens as f64,
-            speedup_vs_one_worker: one.map_or(f64::NAN, |o| tps / o),
-            threads,
-        });
-        println!(
-            "{w} workers: {tps:>7.1} tokens/s aggregate, {:>6.1} ms per pass{}",
-            1e3 * secs / a.tokens as f64,
-            one.map_or(String::new(), |o| format!(", {:.2}× one worker", tps / o))
-        );
     }
+    Ok((generated, t0.elapsed().as_secs_f64()))
+}
+
+pub fn run(a: InferBenchArgs) -> anyhow::Result<()> {
+    let precision = if a.f32 {
+        Precision::F32
+    } else {
+        Precision::Quantised
+    };
+    let (model, tok) = colony_inference::load_cpu(&a.model, precision)?;
+    let threads = rayon::current_num_threads();
+    let decoder = match precision {
+        Precision::F32 => "native cpu, f32".to_string(),
+        Precision::Quantised => format!(
+            "native cpu, quantised blocks x int8 activations ({})",
+            colony_inference::qmat::kernels()
+        ),
+    };
+    println!(
+        "{decoder}: {:.1} MB of weights per pass, {threads} threads",
+        model.bytes_per_pass() as f64 / 1e6
+    );
     // llama.cpp's single stream on the same chat prompt as one worker decodes.
     let python = match a.llama_cpp.as_str() {
         "off" => None,
@@ -159,36 +175,134 @@ pub fn run(a: InferBenchArgs) -> anyhow::Result<()> {
         }
         p => Some(PathBuf::from(p)),
     };
-    let mut peer = None;
-    if let Some(py) = python {
-        let prompt = tok.render_chat(
-            &[colony_inference::tokenizer::Message::new("user", &a.prompt)],
-            true,
-        )?;
-        match llama_cpp(&py, &a.model, &prompt, a.tokens, threads) {
-            Ok(l) => peer = Some(l),
-            // Our own figures still count: say why the peer is missing and go on.
-            Err(e) => eprintln!("warning: llama.cpp not measured: {e:#}"),
+    let chat = tok.render_chat(
+        &[colony_inference::tokenizer::Message::new("user", &a.prompt)],
+        true,
+    )?;
+    // Rounds: every worker count, then llama.cpp, one after another, so that each round's
+    // figures share the machine's state; the medians are reported (and the ratios are the
+    // medians of each round's ratios).
+    let rounds = a.repeat.max(1);
+    let mut ours: Vec<Vec<(f64, f64)>> = vec![Vec::new(); a.workers.len()]; // (tokens/s, s)
+    let mut peers: Vec<LlamaCpp> = Vec::new();
+    let mut peer_failed = python.is_none();
+    for round in 0..rounds {
+        for (i, &w) in a.workers.iter().enumerate() {
+            let (generated, secs) = decode(&model, &tok, &a.prompt, w, a.tokens)?;
+            let tps = generated as f64 / secs;
+            println!(
+                "round {}: {w} workers: {tps:>7.1} tokens/s aggregate, {:>6.1} ms per pass",
+                round + 1,
+                1e3 * secs / a.tokens as f64
+            );
+            ours[i].push((tps, secs));
+        }
+        if let (Some(py), false) = (&python, peer_failed) {
+            match llama_cpp(py, &a.model, &chat, a.tokens, threads) {
+                Ok(l) => {
+                    println!(
+                        "round {}: llama.cpp {} (one stream, {} threads): {:>7.1} tokens/s",
+                        round + 1,
+                        l.llama_cpp_python,
+                        l.threads,
+                        l.tokens_per_s
+                    );
+                    peers.push(l);
+                }
+                Err(e) => {
+                    // Our own figures still count: say why the peer is missing and go on.
+                    eprintln!("warning: llama.cpp not measured: {e:#}");
+                    peer_failed = true;
+                }
+            }
         }
     }
-    if let Some(l) = &peer {
+    let median = |mut v: Vec<f64>| -> f64 {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n == 0 {
+            f64::NAN
+        } else if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    let spread = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.1}–{hi:.1}")
+    };
+    println!("medians of {rounds} rounds:");
+    let one_idx = a.workers.iter().position(|&w| w == 1);
+    let mut cases: Vec<Case> = Vec::new();
+    for (i, &w) in a.workers.iter().enumerate() {
+        let tps: Vec<f64> = ours[i].iter().map(|x| x.0).collect();
+        let secs = median(ours[i].iter().map(|x| x.1).collect());
+        let speedup = one_idx.map_or(f64::NAN, |o| {
+            median((0..rounds).map(|r| ours[i][r].0 / ours[o][r].0).collect())
+        });
+        let m = median(tps.clone());
         println!(
-            "llama.cpp {} (one stream, {} threads): {:>7.1} tokens/s, {:>6.1} ms per token",
-            l.llama_cpp_python, l.threads, l.tokens_per_s, l.ms_per_token
+            "{w} workers: {m:>7.1} tokens/s aggregate ({}), {:>6.1} ms per pass{}",
+            spread(&tps),
+            1e3 * secs / a.tokens as f64,
+            if speedup.is_nan() {
+                String::new()
+            } else {
+                format!(", {speedup:.2}× one worker")
+            }
         );
-        if let Some(one) = cases.iter().find(|c| c.workers == 1) {
+        cases.push(Case {
+            model: a.model.display().to_string(),
+            decoder: decoder.clone(),
+            workers: w,
+            tokens_per_worker: a.tokens,
+            passes: a.tokens,
+            rounds,
+            tokens_per_s: m,
+            tokens_per_s_each_round: tps,
+            ms_per_pass: 1e3 * secs / a.tokens as f64,
+            speedup_vs_one_worker: speedup,
+            threads,
+        });
+    }
+    let peer = if peers.len() == rounds {
+        let tps: Vec<f64> = peers.iter().map(|l| l.tokens_per_s).collect();
+        println!(
+            "llama.cpp {} (one stream, {} threads): {:>7.1} tokens/s ({})",
+            peers[0].llama_cpp_python,
+            peers[0].threads,
+            median(tps.clone()),
+            spread(&tps)
+        );
+        let ratio = |i: usize| {
+            median(
+                (0..rounds)
+                    .map(|r| ours[i][r].0 / peers[r].tokens_per_s)
+                    .collect(),
+            )
+        };
+        if let Some(o) = one_idx {
             println!(
-                "one worker vs llama.cpp: {:.2}× slower (target ≤ 1.5×)",
-                l.tokens_per_s / one.tokens_per_s
+                "one worker's time per token vs llama.cpp's: {:.2}× (target ≤ 1.5×)",
+                1.0 / ratio(o)
             );
         }
-        if let Some(four) = cases.iter().find(|c| c.workers == 4) {
+        if let Some(f) = a.workers.iter().position(|&w| w == 4) {
             println!(
                 "four workers together vs llama.cpp's stream: {:.2}× (target > 1)",
-                four.tokens_per_s / l.tokens_per_s
+                ratio(f)
             );
         }
-    }
+        let mut l = peers.swap_remove(0);
+        l.tokens_per_s = median(tps.clone());
+        l.ms_per_token = 1e3 / l.tokens_per_s;
+        l.tokens_per_s_each_round = tps;
+        Some(l)
+    } else {
+        None
+    };
     if let Some(p) = &a.json {
         let mut docs = Vec::new();
         for c in &cases {

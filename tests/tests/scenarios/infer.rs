@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use colony_daemon::infer_service::{InferLimits, InferService, remote_infer};
 use colony_daemon::local::{LocalSwarm, LocalSwarmConfig};
-use colony_inference::cpu::{CpuDecoder, CpuModel};
+use colony_inference::cpu::CpuDecoder;
 use colony_inference::hogwild::{Engine, HogwildConfig};
 use colony_inference::tokenizer::Message;
 use colony_protocol::infer::{InferEvent, InferJob, InferRequest, InferResponse, InferSampling};
@@ -99,9 +99,10 @@ async fn a_peer_streams_a_hogwild_job_and_gets_what_the_engine_writes() {
         }
     }
 
-    // The oracle: the engine run directly on the same model and question.
-    let (w, tok) = colony_inference::load(&model).unwrap();
-    let m = CpuModel::new(w);
+    // The oracle: the engine run directly on the same model (as the service holds it: the
+    // quantised blocks) and question.
+    let (m, tok) =
+        colony_inference::load_cpu(&model, colony_inference::Precision::Quantised).unwrap();
     let cfg = HogwildConfig {
         workers: 2,
         max_tokens: 12,
