@@ -180,6 +180,39 @@ impl<B: Backend> Llama<B> {
         }
     }
 
+    /// A model of shape `c` with random weights made on the device (normal, σ = 0.02; norms
+    /// one): for timing shapes whose weights we do not have (Llama-3.2-1B on the GPU). The
+    /// output projection is a separate matrix even when `c.tied` (the same bytes are read).
+    pub fn random(c: &Config, device: &B::Device, seed: u64) -> Self {
+        use burn::tensor::Distribution;
+        B::seed(device, seed);
+        let (qd, kvd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let normal = |rows: usize, cols: usize| {
+            Tensor::<B, 2>::random([rows, cols], Distribution::Normal(0.0, 0.02), device)
+        };
+        let ones = |n: usize| Tensor::<B, 2>::ones([1, n], device);
+        let layers = (0..c.layers)
+            .map(|_| Layer {
+                attn_norm: ones(c.dim),
+                wqkv: normal(c.dim, qd + 2 * kvd),
+                bqkv: c.qkv_bias.then(|| Tensor::zeros([1, qd + 2 * kvd], device)),
+                wo: normal(qd, c.dim),
+                ffn_norm: ones(c.dim),
+                w_gate_up: normal(c.dim, 2 * c.ffn),
+                w_down: normal(c.ffn, c.dim),
+            })
+            .collect();
+        Self {
+            config: c.clone(),
+            rope: Rope::new(c.head_dim, c.rope_base),
+            device: device.clone(),
+            embed: normal(c.vocab, c.dim),
+            layers,
+            norm: ones(c.dim),
+            lm_head: normal(c.dim, c.vocab),
+        }
+    }
+
     pub fn device(&self) -> &B::Device {
         &self.device
     }

@@ -6,7 +6,8 @@
 //! Each figure is the median of `--repeat` rounds (ours and llama.cpp's alternating: this
 //! machine's speed drifts by ±30% over minutes).
 //!
-//! Not yet here (issue 5): the GPU shapes and their bandwidth bound.
+//! `--backend cuda` (and `ndarray`) time the burn block cache on random-weight shapes instead:
+//! [`super::infer_gpu`].
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -42,6 +43,23 @@ pub struct InferBenchArgs {
     /// Rounds of every measurement (ours and llama.cpp's, alternating); medians are reported.
     #[arg(long, default_value_t = 5)]
     pub repeat: usize,
+    /// cpu: the native decoder on `--model`. cuda (a build with `--features cuda`) or ndarray:
+    /// the burn block cache on a random-weight model of `--shape`, over `--contexts`.
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
+    /// With --backend cuda/ndarray: llama-3.2-1b or tiny.
+    #[arg(long, default_value = "llama-3.2-1b")]
+    pub shape: String,
+    /// With --backend cuda/ndarray: common-history lengths.
+    #[arg(long, value_delimiter = ',', default_value = "1024,8192")]
+    pub contexts: Vec<usize>,
+    /// With --backend cuda: bf16 or f32.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// With --backend cuda: the Python with PyTorch to run the eager peer on the same shapes
+    /// ("auto": python3 if it imports torch with CUDA; "off").
+    #[arg(long, default_value = "auto")]
+    pub torch: String,
 }
 
 /// llama.cpp's single stream, as `scripts/llama_cpp_bench.py` reports it.
@@ -141,6 +159,9 @@ fn decode(
 }
 
 pub fn run(a: InferBenchArgs) -> anyhow::Result<()> {
+    if a.backend != "cpu" {
+        return run_blocks(&a);
+    }
     let precision = if a.f32 {
         Precision::F32
     } else {
@@ -316,4 +337,152 @@ pub fn run(a: InferBenchArgs) -> anyhow::Result<()> {
         super::write_json(p, "infer", &docs)?;
     }
     Ok(())
+}
+
+/// `--backend cuda|ndarray`: the burn block cache on `--shape` with random weights.
+fn run_blocks(a: &InferBenchArgs) -> anyhow::Result<()> {
+    use super::infer_gpu::{H200_BYTES_PER_S, run_shapes, shape};
+    let c = shape(&a.shape)?;
+    let passes = a.tokens;
+    let cases = match (a.backend.as_str(), a.dtype.as_str()) {
+        ("ndarray", _) => {
+            let m = colony_inference::model::Llama::<colony_inference::Cpu>::random(
+                &c,
+                &Default::default(),
+                1,
+            );
+            run_shapes(
+                &m,
+                "ndarray",
+                "f32",
+                4,
+                &a.shape,
+                &a.contexts,
+                &a.workers,
+                passes,
+                12e9,
+            )
+        }
+        #[cfg(feature = "cuda")]
+        ("cuda", dtype) => {
+            if !colony_trainer::backend::cuda_available() {
+                anyhow::bail!("--backend cuda: no CUDA driver (libcuda.so) on this machine");
+            }
+            let dev = burn::backend::cuda::CudaDevice::new(0);
+            let t0 = Instant::now();
+            let cases = match dtype {
+                "bf16" => {
+                    let m =
+                        colony_inference::model::Llama::<burn::backend::Cuda<half::bf16>>::random(
+                            &c, &dev, 1,
+                        );
+                    println!(
+                        "random {} weights made in {:.1} s",
+                        a.shape,
+                        t0.elapsed().as_secs_f64()
+                    );
+                    run_shapes(
+                        &m,
+                        "cuda",
+                        "bf16",
+                        2,
+                        &a.shape,
+                        &a.contexts,
+                        &a.workers,
+                        passes,
+                        H200_BYTES_PER_S,
+                    )
+                }
+                "f32" => {
+                    let m = colony_inference::model::Llama::<burn::backend::Cuda<f32>>::random(
+                        &c, &dev, 1,
+                    );
+                    run_shapes(
+                        &m,
+                        "cuda",
+                        "f32",
+                        4,
+                        &a.shape,
+                        &a.contexts,
+                        &a.workers,
+                        passes,
+                        H200_BYTES_PER_S,
+                    )
+                }
+                other => anyhow::bail!("--dtype {other:?}: bf16 or f32"),
+            };
+            cases
+        }
+        #[cfg(not(feature = "cuda"))]
+        ("cuda", _) => anyhow::bail!("--backend cuda needs a build with --features cuda"),
+        (other, _) => anyhow::bail!("--backend {other:?}: cpu, cuda or ndarray"),
+    };
+    let _ = H200_BYTES_PER_S;
+    let mut docs: Vec<serde_json::Value> = cases
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<_, _>>()?;
+    if a.backend == "cuda" && a.torch != "off" {
+        let python = if a.torch == "auto" {
+            "python3"
+        } else {
+            a.torch.as_str()
+        };
+        match torch_peer(python, a, &c) {
+            Ok(mut peer) => docs.append(&mut peer),
+            Err(e) => eprintln!("warning: the PyTorch peer was not measured: {e:#}"),
+        }
+    }
+    if let Some(p) = &a.json {
+        super::write_json(p, "infer-gpu", &docs)?;
+    }
+    Ok(())
+}
+
+/// PyTorch eager on the same shapes (`scripts/torch_hogwild_bench.py`): one JSON line per case.
+fn torch_peer(
+    python: &str,
+    a: &InferBenchArgs,
+    c: &colony_inference::weights::Config,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    use anyhow::Context;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/torch_hogwild_bench.py");
+    let join = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg("--config")
+        .arg(serde_json::to_string(c)?)
+        .arg("--contexts")
+        .arg(join(&a.contexts))
+        .arg("--workers")
+        .arg(join(&a.workers))
+        .arg("--passes")
+        .arg(a.tokens.to_string())
+        .arg("--dtype")
+        .arg(&a.dtype)
+        .output()
+        .with_context(|| format!("cannot run {python}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{} failed ({}): {}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut docs = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            println!(
+                "pytorch eager: context {:>5}, {} workers: {:>8.1} tokens/s aggregate, {:>7.2} ms per pass",
+                v["context"],
+                v["workers"],
+                v["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+                v["ms_per_pass"].as_f64().unwrap_or(f64::NAN)
+            );
+            docs.push(v);
+        }
+    }
+    Ok(docs)
 }

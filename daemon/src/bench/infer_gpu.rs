@@ -1,0 +1,253 @@
+//! `colony bench infer --backend cuda`: the Hogwild! block cache on the GPU (burn-cuda), a
+//! Llama-3.2-1B-shaped model with random weights, N workers over a common history of C tokens:
+//! aggregate tokens/s, ms per pass, and the memory-bandwidth bound of each pass (every weight
+//! read once, every cached key and value read once). `--backend ndarray` runs the same code on
+//! the CPU (with `--shape tiny`: the test of this file).
+//!
+//! A pass is what the engine runs while decoding: one row per worker, each row's view the
+//! common history, the other workers' blocks and its own block (the headers of the real
+//! layout are left out: a few tokens), logits of every row read back to the host.
+
+use std::time::Instant;
+
+use burn::prelude::Backend;
+use colony_inference::cache::{BlockCache, Row, Segment};
+use colony_inference::hogwild::{BurnDecoder, Decoder};
+use colony_inference::model::Llama;
+use colony_inference::weights::Config;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+/// H200 HBM3e: 4.8 TB/s (the data sheet; a device-to-device copy measured about 4.3 TB/s).
+pub const H200_BYTES_PER_S: f64 = 4.8e12;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuCase {
+    pub backend: String,
+    pub dtype: String,
+    pub shape: String,
+    pub params: usize,
+    pub context: usize,
+    pub workers: usize,
+    pub passes: usize,
+    pub ms_per_pass: f64,
+    pub tokens_per_s: f64,
+    pub speedup_vs_one_worker: f64,
+    /// Weights + the cache read once, at `bandwidth` bytes/s.
+    pub bound_ms_per_pass: f64,
+    pub bandwidth: f64,
+    pub over_bound: f64,
+}
+
+/// Common block 0, worker w's block is 1 + w.
+fn pass_rows(context: usize, lens: &[usize], tokens: &[u32]) -> Vec<Row> {
+    let n = lens.len();
+    (0..n)
+        .map(|w| {
+            let mut view = vec![Segment {
+                block: 0,
+                visible: context,
+            }];
+            for (j, &len) in lens.iter().enumerate() {
+                if j != w {
+                    view.push(Segment {
+                        block: 1 + j,
+                        visible: len + 1,
+                    });
+                }
+            }
+            view.push(Segment {
+                block: 1 + w,
+                visible: lens[w] + 1,
+            });
+            Row {
+                token: tokens[w],
+                write: 1 + w,
+                view,
+            }
+        })
+        .collect()
+}
+
+/// Prefills `context` random tokens into block 0 (in chunks), then times `passes` passes of
+/// `workers` rows after `warmup` untimed ones; returns seconds per pass.
+pub fn time_passes<B: Backend>(
+    model: &Llama<B>,
+    context: usize,
+    workers: usize,
+    warmup: usize,
+    passes: usize,
+    seed: u64,
+) -> f64 {
+    let c = &model.config;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut dec = BurnDecoder {
+        model,
+        cache: BlockCache::<B>::new(c.layers, 1 + workers),
+    };
+    const CHUNK: usize = 512;
+    let mut done = 0;
+    while done < context {
+        let n = CHUNK.min(context - done);
+        let rows: Vec<Row> = (0..n)
+            .map(|i| Row {
+                token: rng.gen_range(0..c.vocab as u32),
+                write: 0,
+                view: vec![Segment {
+                    block: 0,
+                    visible: done + i + 1,
+                }],
+            })
+            .collect();
+        dec.forward(&rows, &[]);
+        done += n;
+    }
+    let want: Vec<usize> = (0..workers).collect();
+    let mut lens = vec![0usize; workers];
+    let mut t0 = Instant::now();
+    for p in 0..warmup + passes {
+        if p == warmup {
+            t0 = Instant::now();
+        }
+        let tokens: Vec<u32> = (0..workers)
+            .map(|_| rng.gen_range(0..c.vocab as u32))
+            .collect();
+        let rows = pass_rows(context, &lens, &tokens);
+        let logits = dec.forward(&rows, &want);
+        debug_assert_eq!(logits.len(), workers);
+        for l in &mut lens {
+            *l += 1;
+        }
+    }
+    t0.elapsed().as_secs_f64() / passes.max(1) as f64
+}
+
+/// Bytes one pass must read at least: every weight once (a tied embedding once, as the output
+/// projection; the embedding rows looked up are negligible) and every cached key and value
+/// once.
+pub fn bytes_per_pass(c: &Config, elem: usize, context: usize, cached_worker_tokens: usize) -> f64 {
+    let kv = (context + cached_worker_tokens) * c.layers * 2 * c.kv_heads * c.head_dim;
+    ((c.params() + kv) * elem) as f64
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn run_shapes<B: Backend>(
+    model: &Llama<B>,
+    backend: &str,
+    dtype: &str,
+    elem: usize,
+    shape: &str,
+    contexts: &[usize],
+    workers: &[usize],
+    passes: usize,
+    bandwidth: f64,
+) -> Vec<GpuCase> {
+    let c = &model.config;
+    let mut cases: Vec<GpuCase> = Vec::new();
+    for &ctx in contexts {
+        let mut one = None;
+        for &w in workers {
+            // Once untimed: the first run of a shape compiles (and autotunes) kernels; on the
+            // H200 that made the first context's passes ten times slower than the second's.
+            let _ = time_passes(model, ctx, w, 3, passes, 7 + w as u64);
+            let s = time_passes(model, ctx, w, 3, passes, 7 + w as u64);
+            let tps = w as f64 / s;
+            if w == 1 {
+                one = Some(tps);
+            }
+            // Mid-run worker blocks: about passes/2 + warm-up tokens each.
+            let cached = w * (3 + passes / 2);
+            let bound = bytes_per_pass(c, elem, ctx, cached) / bandwidth;
+            let case = GpuCase {
+                backend: backend.into(),
+                dtype: dtype.into(),
+                shape: shape.into(),
+                params: c.params(),
+                context: ctx,
+                workers: w,
+                passes,
+                ms_per_pass: 1e3 * s,
+                tokens_per_s: tps,
+                speedup_vs_one_worker: one.map_or(f64::NAN, |o| tps / o),
+                bound_ms_per_pass: 1e3 * bound,
+                bandwidth,
+                over_bound: s / bound,
+            };
+            println!(
+                "context {ctx:>5}, {w} workers: {tps:>8.1} tokens/s aggregate, {:>7.2} ms per pass \
+                 (bound {:.3} ms, {:.1}×){}",
+                case.ms_per_pass,
+                case.bound_ms_per_pass,
+                case.over_bound,
+                one.filter(|_| w != 1)
+                    .map_or(String::new(), |o| format!(", {:.2}× one worker", tps / o))
+            );
+            cases.push(case);
+        }
+    }
+    cases
+}
+
+/// The shapes `--shape` names.
+pub fn shape(name: &str) -> anyhow::Result<Config> {
+    Ok(match name {
+        "llama-3.2-1b" => Config::llama_3_2_1b(),
+        // A few-layer toy of the same family, for tests on the CPU.
+        "tiny" => Config {
+            arch: "llama".into(),
+            vocab: 512,
+            dim: 64,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            ffn: 128,
+            rope_base: 10_000.0,
+            rms_eps: 1e-5,
+            context: 4096,
+            qkv_bias: false,
+            tied: true,
+        },
+        other => anyhow::bail!("--shape {other:?}: llama-3.2-1b or tiny"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_gpu_bench_runs_its_passes_on_the_cpu_backend() {
+        let c = shape("tiny").unwrap();
+        let dev = Default::default();
+        let m = Llama::<colony_inference::Cpu>::random(&c, &dev, 1);
+        let cases = run_shapes(&m, "ndarray", "f32", 4, "tiny", &[40], &[1, 2], 3, 1e10);
+        assert_eq!(cases.len(), 2);
+        assert!(
+            cases
+                .iter()
+                .all(|c| c.ms_per_pass > 0.0 && c.bound_ms_per_pass > 0.0)
+        );
+        // Views: each worker sees the common block, the others' blocks and its own, last.
+        let rows = pass_rows(10, &[3, 5], &[7, 8]);
+        assert_eq!(rows[0].view.last().unwrap().block, 1);
+        assert_eq!(rows[0].view.last().unwrap().visible, 4);
+        assert_eq!(rows[1].view[1].block, 1);
+        assert_eq!(
+            rows[1].view.iter().map(|s| s.visible).sum::<usize>(),
+            10 + 4 + 6
+        );
+    }
+
+    #[test]
+    fn the_bound_counts_weights_and_cache_once() {
+        let c = Config::llama_3_2_1b();
+        // 1.236 B parameters in bf16, no cache: ~2.47 GB.
+        let b = bytes_per_pass(&c, 2, 0, 0);
+        assert!((2.46e9..2.48e9).contains(&b), "{b}");
+        // 8k context: 16 layers × k, v × 8 heads × 64 × 2 bytes = 32 KiB per token.
+        let with = bytes_per_pass(&c, 2, 8192, 0) - b;
+        assert_eq!(with, (8192 * 32 * 1024) as f64);
+    }
+}
