@@ -18,7 +18,7 @@
 use burn::prelude::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::model::{Attention, Rope, by_kv_head, gqa};
+use crate::model::{Attention, Rope, RopeAt, by_kv_head, gqa};
 
 pub type BlockId = usize;
 
@@ -155,11 +155,36 @@ impl<B: Backend> Store<B> {
             let vb = v.clone().select(0, sel);
             self.append(layer, b, kb, vb);
         }
+        self.commit_if_last(layer);
+    }
+
+    /// After the last layer's writes, the blocks' lengths include the pass's rows.
+    fn commit_if_last(&mut self, layer: usize) {
         if layer + 1 == self.layers.len() {
             for r in &self.rows {
                 self.lens[r.write] += 1;
             }
         }
+    }
+
+    /// Rows of the pass written to each block, in row order.
+    fn writes(&self) -> Vec<(BlockId, Vec<i64>)> {
+        let mut blocks: Vec<BlockId> = self.rows.iter().map(|r| r.write).collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        blocks
+            .into_iter()
+            .map(|b| {
+                let idx = self
+                    .rows
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.write == b)
+                    .map(|(i, _)| i as i64)
+                    .collect();
+                (b, idx)
+            })
+            .collect()
     }
 }
 
@@ -168,39 +193,66 @@ fn query_pos(row: &Row) -> i64 {
     row.view.iter().map(|s| s.visible as i64).sum::<i64>() - 1
 }
 
+/// One viewed block of a pass: the rows viewing it (on the device), their queries' angles for
+/// this block, and the visibility mask `[entries, len]`.
+#[derive(Debug)]
+struct Read<B: Backend> {
+    block: BlockId,
+    rows: Tensor<B, 1, Int>,
+    angles: RopeAt<B>,
+    mask: Tensor<B, 2>,
+}
+
+/// What a pass needs on the device besides the activations; the same at every layer, so it is
+/// made once per pass (at the first layer) instead of once per layer: on the GPU each of these
+/// is a host-to-device copy.
+#[derive(Debug)]
+struct Plan<B: Backend> {
+    /// Per written block: the rows written to it and their keys' in-block angles.
+    writes: Vec<(BlockId, Tensor<B, 1, Int>, RopeAt<B>)>,
+    reads: Vec<Read<B>>,
+    /// `[rows, E]`: entry i belongs to row r.
+    member: Tensor<B, 2>,
+    /// `[rows, E, 1]`: 0 where entry i belongs to row r, −∞ elsewhere.
+    member_mask: Tensor<B, 3>,
+    /// `[E]`: each entry's row.
+    row_of: Tensor<B, 1, Int>,
+    entries: usize,
+}
+
 /// The fast path; see the module docs.
 #[derive(Debug)]
 pub struct BlockCache<B: Backend> {
     store: Store<B>,
+    plan: Option<Plan<B>>,
 }
 
 impl<B: Backend> BlockCache<B> {
     pub fn new(layers: usize, blocks: usize) -> Self {
         Self {
             store: Store::new(layers, blocks),
+            plan: None,
         }
     }
-}
 
-impl<B: Backend> Attention<B> for BlockCache<B> {
-    fn attend(
-        &mut self,
-        rope: &Rope,
-        layer: usize,
-        q: Tensor<B, 3>,
-        k: Tensor<B, 3>,
-        v: Tensor<B, 3>,
-    ) -> Tensor<B, 2> {
-        // Keys stored rotated to their index inside the block.
-        self.store.write(layer, k, v, |k, pos| rope.rotate(k, pos));
-        let [rows, heads, hd] = q.dims();
-        let dev = q.device();
+    fn plan(&self, rope: &Rope, dev: &B::Device) -> Plan<B> {
         let s = &self.store;
-        let new_len = |b: BlockId| {
-            // The length the rows see: stored plus this pass's rows before the last layer.
-            s.layers[layer][b].as_ref().map_or(0, |kv| kv.k.dims()[0])
+        let int = |v: Vec<i64>| {
+            let n = v.len();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v, [n]), dev)
         };
-        // Entries: (row, block, segment start, visible), grouped by block.
+        let mut after = s.lens.clone();
+        let writes = s
+            .writes()
+            .into_iter()
+            .map(|(b, idx)| {
+                let base = s.lens[b] as i64;
+                let pos: Vec<i64> = (0..idx.len() as i64).map(|i| base + i).collect();
+                after[b] += idx.len();
+                (b, int(idx), rope.at(&pos, dev))
+            })
+            .collect();
+        // Entries: (row, segment start, visible), grouped by block.
         let mut by_block: std::collections::BTreeMap<BlockId, Vec<(usize, i64, usize)>> =
             Default::default();
         for (r, row) in s.rows.iter().enumerate() {
@@ -215,59 +267,105 @@ impl<B: Backend> Attention<B> for BlockCache<B> {
                 start += seg.visible as i64;
             }
         }
-        let mut ms = Vec::new();
-        let mut ls = Vec::new();
-        let mut os = Vec::new();
+        let mut reads = Vec::new();
         let mut row_of: Vec<i64> = Vec::new();
         for (&b, entries) in &by_block {
-            let Some(kv) = &s.layers[layer][b] else {
+            // The length the rows see: stored plus this pass's rows (none: nothing stored).
+            let len = after[b];
+            if len == 0 {
                 continue;
-            };
-            let len = new_len(b);
+            }
             let e = entries.len();
             let sel: Vec<i64> = entries.iter().map(|&(r, _, _)| r as i64).collect();
             let rel: Vec<i64> = entries
                 .iter()
                 .map(|&(r, start, _)| query_pos(&s.rows[r]) - start)
                 .collect();
-            let sel_t = Tensor::<B, 1, Int>::from_data(TensorData::new(sel.clone(), [e]), &dev);
-            let qe = rope.rotate(q.clone().select(0, sel_t), &rel);
             let mut mask = vec![0f32; e * len];
             for (i, &(_, _, vis)) in entries.iter().enumerate() {
                 for j in vis.min(len)..len {
                     mask[i * len + j] = f32::NEG_INFINITY;
                 }
             }
-            let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [e, len]), &dev);
-            let (m, l, o) = partial(qe, kv.k.clone(), kv.v.clone(), mask);
-            ms.push(m);
-            ls.push(l);
-            os.push(o);
-            row_of.extend(sel);
+            let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [e, len]), dev);
+            row_of.extend(&sel);
+            reads.push(Read {
+                block: b,
+                rows: int(sel),
+                angles: rope.at(&rel, dev),
+                mask,
+            });
         }
+        let rows = s.rows.len();
         let e = row_of.len();
-        let m = Tensor::cat(ms, 0); // [E, heads]
-        let l = Tensor::cat(ls, 0);
-        let o = Tensor::cat(os, 0); // [E, heads, hd]
-        // Membership [rows, E] and each row's max over its entries.
         let mut member = vec![0f32; rows * e];
         let mut member_mask = vec![f32::NEG_INFINITY; rows * e];
         for (i, &r) in row_of.iter().enumerate() {
             member[r as usize * e + i] = 1.0;
             member_mask[r as usize * e + i] = 0.0;
         }
-        let member = Tensor::<B, 2>::from_data(TensorData::new(member, [rows, e]), &dev);
-        let member_mask =
-            Tensor::<B, 3>::from_data(TensorData::new(member_mask, [rows, e, 1]), &dev);
-        let row_max = (m.clone().reshape([1, e, heads]) + member_mask)
+        Plan {
+            writes,
+            reads,
+            member: Tensor::from_data(TensorData::new(member, [rows, e]), dev),
+            member_mask: Tensor::from_data(TensorData::new(member_mask, [rows, e, 1]), dev),
+            row_of: int(row_of),
+            entries: e,
+        }
+    }
+}
+
+impl<B: Backend> Attention<B> for BlockCache<B> {
+    fn attend(
+        &mut self,
+        rope: &Rope,
+        layer: usize,
+        q: Tensor<B, 3>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+    ) -> Tensor<B, 2> {
+        let [rows, heads, hd] = q.dims();
+        if self.plan.is_none() {
+            self.plan = Some(self.plan(rope, &q.device()));
+        }
+        let Some(plan) = self.plan.take() else {
+            unreachable!("the plan was just made")
+        };
+        // Keys stored rotated to their index inside the block.
+        for (b, sel, at) in &plan.writes {
+            let kb = rope.rotate_at(k.clone().select(0, sel.clone()), at);
+            let vb = v.clone().select(0, sel.clone());
+            self.store.append(layer, *b, kb, vb);
+        }
+        self.store.commit_if_last(layer);
+        let mut ms = Vec::new();
+        let mut ls = Vec::new();
+        let mut os = Vec::new();
+        for r in &plan.reads {
+            let Some(kv) = &self.store.layers[layer][r.block] else {
+                continue;
+            };
+            let qe = rope.rotate_at(q.clone().select(0, r.rows.clone()), &r.angles);
+            let (m, l, o) = partial(qe, kv.k.clone(), kv.v.clone(), r.mask.clone());
+            ms.push(m);
+            ls.push(l);
+            os.push(o);
+        }
+        let e = plan.entries;
+        let m = Tensor::cat(ms, 0); // [E, heads]
+        let l = Tensor::cat(ls, 0);
+        let o = Tensor::cat(os, 0); // [E, heads, hd]
+        let row_max = (m.clone().reshape([1, e, heads]) + plan.member_mask.clone())
             .max_dim(1)
             .reshape([rows, heads]);
-        let row_of_t = Tensor::<B, 1, Int>::from_data(TensorData::new(row_of, [e]), &dev);
-        let c = (m - row_max.select(0, row_of_t)).exp(); // [E, heads]
-        let num = member
+        let c = (m - row_max.select(0, plan.row_of.clone())).exp(); // [E, heads]
+        let num = plan
+            .member
             .clone()
             .matmul((o * c.clone().reshape([e, heads, 1])).reshape([e, heads * hd]));
-        let den = member.matmul(c * l); // [rows, heads]
+        let den = plan.member.clone().matmul(c * l); // [rows, heads]
+        // Kept for the next layers of this pass; `begin` drops it.
+        self.plan = Some(plan);
         (num.reshape([rows, heads, hd]) / den.reshape([rows, heads, 1])).reshape([rows, heads * hd])
     }
 }
@@ -309,6 +407,7 @@ fn partial<B: Backend>(
 impl<B: Backend> BlockStore<B> for BlockCache<B> {
     fn begin(&mut self, rows: &[Row]) {
         self.store.begin(rows);
+        self.plan = None;
     }
 
     fn len(&self, block: BlockId) -> usize {

@@ -61,15 +61,29 @@ impl Rope {
         (c, s)
     }
 
+    /// cos and sin of `positions` on `dev`, for [`Rope::rotate_at`] (made once, used by every
+    /// layer of a pass).
+    pub fn at<B: Backend>(&self, positions: &[i64], dev: &B::Device) -> RopeAt<B> {
+        let (rows, half) = (positions.len(), self.half());
+        let (c, s) = self.cos_sin(positions);
+        RopeAt {
+            cos: Tensor::from_data(TensorData::new(c, [rows, 1, half]), dev),
+            sin: Tensor::from_data(TensorData::new(s, [rows, 1, half]), dev),
+        }
+    }
+
     /// Rotates each row of `x` (`[rows, heads, head_dim]`) to its position.
     pub fn rotate<B: Backend>(&self, x: Tensor<B, 3>, positions: &[i64]) -> Tensor<B, 3> {
+        debug_assert_eq!(x.dims()[0], positions.len());
+        let at = self.at(positions, &x.device());
+        self.rotate_at(x, &at)
+    }
+
+    /// Rotates each row of `x` by the angles of `at` (one row of `at` per row of `x`).
+    pub fn rotate_at<B: Backend>(&self, x: Tensor<B, 3>, at: &RopeAt<B>) -> Tensor<B, 3> {
         let [rows, heads, hd] = x.dims();
-        debug_assert_eq!(rows, positions.len());
         let half = hd / 2;
-        let dev = x.device();
-        let (c, s) = self.cos_sin(positions);
-        let cos = Tensor::<B, 3>::from_data(TensorData::new(c, [rows, 1, half]), &dev);
-        let sin = Tensor::<B, 3>::from_data(TensorData::new(s, [rows, 1, half]), &dev);
+        let (cos, sin) = (at.cos.clone(), at.sin.clone());
         let pairs = x.reshape([rows, heads, half, 2]);
         let even = pairs
             .clone()
@@ -104,6 +118,13 @@ struct Layer<B: Backend> {
     w_gate_up: Tensor<B, 2>,
     /// `[ffn, dim]`.
     w_down: Tensor<B, 2>,
+}
+
+/// RoPE angles of some positions, on a device: `[rows, 1, head_dim/2]` each.
+#[derive(Debug, Clone)]
+pub struct RopeAt<B: Backend> {
+    cos: Tensor<B, 3>,
+    sin: Tensor<B, 3>,
 }
 
 /// A loaded model on one device.
