@@ -136,17 +136,7 @@ impl<B: Backend> Store<B> {
         key_form: impl Fn(Tensor<B, 3>, &[i64]) -> Tensor<B, 3>,
     ) {
         let dev = k.device();
-        let mut blocks: Vec<BlockId> = self.rows.iter().map(|r| r.write).collect();
-        blocks.sort_unstable();
-        blocks.dedup();
-        for b in blocks {
-            let idx: Vec<i64> = self
-                .rows
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| r.write == b)
-                .map(|(i, _)| i as i64)
-                .collect();
+        for (b, idx) in self.writes() {
             let n = idx.len();
             let base = self.lens[b] as i64;
             let pos: Vec<i64> = (0..n as i64).map(|i| base + i).collect();

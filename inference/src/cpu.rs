@@ -240,7 +240,14 @@ fn matmul(m: &Mat, x: &[f32], rows: usize) -> Vec<f32> {
                 }
             }
         });
-    // Back to [rows, out].
+    rows_first(t, n_out, rows)
+}
+
+/// `t` (`[out, rows]`, as the products compute it) laid out as `[rows, out]`.
+pub(crate) fn rows_first(t: Vec<f32>, n_out: usize, rows: usize) -> Vec<f32> {
+    if rows == 1 {
+        return t;
+    }
     let mut out = vec![0f32; rows * n_out];
     for o in 0..n_out {
         for r in 0..rows {

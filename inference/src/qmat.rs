@@ -240,16 +240,7 @@ impl QMat {
                 let count = block.len() / n.max(1);
                 simd.rows(self, x, first, count, block);
             });
-        if n == 1 {
-            return t;
-        }
-        let mut out = vec![0f32; n * self.rows];
-        for o in 0..self.rows {
-            for r in 0..n {
-                out[r * self.rows + o] = t[o * n + r];
-            }
-        }
-        out
+        crate::cpu::rows_first(t, self.rows, n)
     }
 
     /// The same product with the plain integer loops (the oracle).
@@ -257,13 +248,7 @@ impl QMat {
         let n = x.rows;
         let mut t = vec![0f32; self.rows * n];
         plain_rows(self, x, 0, self.rows, &mut t);
-        let mut out = vec![0f32; n * self.rows];
-        for o in 0..self.rows {
-            for r in 0..n {
-                out[r * self.rows + o] = t[o * n + r];
-            }
-        }
-        out
+        crate::cpu::rows_first(t, self.rows, n)
     }
 }
 

@@ -341,7 +341,9 @@ pub fn run(a: InferBenchArgs) -> anyhow::Result<()> {
 
 /// `--backend cuda|ndarray`: the burn block cache on `--shape` with random weights.
 fn run_blocks(a: &InferBenchArgs) -> anyhow::Result<()> {
-    use super::infer_gpu::{H200_BYTES_PER_S, run_shapes, shape};
+    #[cfg(feature = "cuda")]
+    use super::infer_gpu::H200_BYTES_PER_S;
+    use super::infer_gpu::{run_shapes, shape};
     let c = shape(&a.shape)?;
     let passes = a.tokens;
     let cases = match (a.backend.as_str(), a.dtype.as_str()) {
@@ -417,7 +419,6 @@ fn run_blocks(a: &InferBenchArgs) -> anyhow::Result<()> {
         ("cuda", _) => anyhow::bail!("--backend cuda needs a build with --features cuda"),
         (other, _) => anyhow::bail!("--backend {other:?}: cpu, cuda or ndarray"),
     };
-    let _ = H200_BYTES_PER_S;
     let mut docs: Vec<serde_json::Value> = cases
         .iter()
         .map(serde_json::to_value)
