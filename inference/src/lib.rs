@@ -9,8 +9,19 @@ pub mod hogwild;
 pub mod model;
 pub mod qmat;
 pub mod quant;
+pub mod slab;
 pub mod tokenizer;
 pub mod weights;
+
+/// The GPU backends of decoding: burn-cuda as it is (`Cuda`) and wrapped in burn's operation
+/// fusion (`FusedCuda`: runs of elementwise operations and reductions become one kernel each).
+#[cfg(feature = "cuda")]
+pub mod gpu {
+    pub type Cuda<F> = burn::backend::Cuda<F>;
+    pub type FusedCuda<F> = burn_fusion::Fusion<
+        burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, F, i32, u8>,
+    >;
+}
 
 /// The CPU backend.
 pub type Cpu = burn::backend::NdArray<f32>;

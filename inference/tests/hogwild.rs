@@ -16,6 +16,7 @@ use colony_inference::gguf::Gguf;
 use colony_inference::hogwild::{BurnDecoder, Engine, HogwildConfig, argmax};
 use colony_inference::model::{Causal, Llama};
 use colony_inference::qmat::QMat;
+use colony_inference::slab::SlabCache;
 use colony_inference::tokenizer::{Message, Tokenizer};
 use colony_inference::weights::Weights;
 
@@ -86,6 +87,16 @@ fn block_cache_and_native_decoder_equal_a_plain_recompute_of_each_workers_view()
         cfg.clone(),
     )
     .unwrap();
+    let mut slab = Engine::new(
+        BurnDecoder {
+            model: &l.model,
+            cache: SlabCache::<Cpu>::new(layers, 8),
+        },
+        &l.tokenizer,
+        q,
+        cfg.clone(),
+    )
+    .unwrap();
     let mut native = Engine::new(CpuDecoder::new(&l.native), &l.tokenizer, q, cfg.clone()).unwrap();
     let mut quant = Engine::new(CpuDecoder::new(&l.quant), &l.tokenizer, q, cfg.clone()).unwrap();
     let mut slow = Engine::new(
@@ -104,10 +115,12 @@ fn block_cache_and_native_decoder_equal_a_plain_recompute_of_each_workers_view()
     let mut worst = 0f32;
     let history = fast.cache_len(0);
     let mut worst_native = 0f32;
+    let mut worst_slab = 0f32;
     let mut worst_quant = 0f32;
     let mut quant_same = 0usize;
     for pass in 0usize..10 {
         let a = fast.pass();
+        let s = slab.pass();
         let c = native.pass();
         let qq = quant.pass();
         let b = slow.pass();
@@ -133,6 +146,12 @@ fn block_cache_and_native_decoder_equal_a_plain_recompute_of_each_workers_view()
                 "pass {pass}, worker {w}: block cache differs by {d}"
             );
             worst = worst.max(d);
+            let d = max_diff(s[w].as_ref().unwrap(), lb);
+            assert!(
+                d < TOL,
+                "pass {pass}, worker {w}: slab cache differs by {d}"
+            );
+            worst_slab = worst_slab.max(d);
             let d = max_diff(lc, lb);
             assert!(
                 d < TOL,
@@ -144,11 +163,15 @@ fn block_cache_and_native_decoder_equal_a_plain_recompute_of_each_workers_view()
                 _ => argmax(la),
             };
             fast.accept(w, t).unwrap();
+            slab.accept(w, t).unwrap();
             native.accept(w, t).unwrap();
             quant.accept(w, t).unwrap();
             slow.accept(w, t).unwrap();
         }
-        if fast.cache_len(0) != slow.cache_len(0) || native.cache_len(0) != slow.cache_len(0) {
+        if fast.cache_len(0) != slow.cache_len(0)
+            || native.cache_len(0) != slow.cache_len(0)
+            || slab.cache_len(0) != slow.cache_len(0)
+        {
             panic!("the two caches disagree on the history's length");
         }
     }
@@ -157,7 +180,7 @@ fn block_cache_and_native_decoder_equal_a_plain_recompute_of_each_workers_view()
         "worker 0's step never moved into the common history"
     );
     eprintln!(
-        "max |Δ logits| over 10 passes × 3 workers: block cache {worst:.2e}, native {worst_native:.2e}, quantised {worst_quant:.2e} (same greedy token {quant_same}/30)"
+        "max |Δ logits| over 10 passes × 3 workers: block cache {worst:.2e}, slab cache {worst_slab:.2e}, native {worst_native:.2e}, quantised {worst_quant:.2e} (same greedy token {quant_same}/30)"
     );
     assert!(
         quant_same >= 27,

@@ -60,6 +60,13 @@ pub struct InferBenchArgs {
     /// ("auto": python3 if it imports torch with CUDA; "off").
     #[arg(long, default_value = "auto")]
     pub torch: String,
+    /// With --backend cuda/ndarray: the cache layouts to measure (slab: one attention call per
+    /// layer; block: per-block products and a log-sum-exp merge).
+    #[arg(long, value_delimiter = ',', default_value = "slab")]
+    pub cache: Vec<String>,
+    /// With --backend cuda: burn's operation fusion on, off, or both (`on,off`).
+    #[arg(long, value_delimiter = ',', default_value = "on")]
+    pub fusion: Vec<String>,
 }
 
 /// llama.cpp's single stream, as `scripts/llama_cpp_bench.py` reports it.
@@ -339,13 +346,44 @@ pub fn run(a: InferBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--backend cuda|ndarray`: the burn block cache on `--shape` with random weights.
+/// `--backend cuda|ndarray`: the burn decoder over the `--cache` layouts on `--shape` with
+/// random weights.
 fn run_blocks(a: &InferBenchArgs) -> anyhow::Result<()> {
-    #[cfg(feature = "cuda")]
-    use super::infer_gpu::H200_BYTES_PER_S;
-    use super::infer_gpu::{run_shapes, shape};
+    use super::infer_gpu::{CacheKind, GpuCase, run_shapes, shape};
     let c = shape(&a.shape)?;
-    let passes = a.tokens;
+    let caches = a
+        .cache
+        .iter()
+        .map(|s| CacheKind::parse(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Every cache layout on one model; the probe first.
+    fn all<B: burn::prelude::Backend>(
+        a: &InferBenchArgs,
+        m: &colony_inference::model::Llama<B>,
+        caches: &[CacheKind],
+        backend: &str,
+        dtype: &str,
+        elem: usize,
+        bandwidth: f64,
+    ) -> Vec<GpuCase> {
+        let _ = super::infer_gpu::probe::<B>(m.device(), elem, 200);
+        let mut out = Vec::new();
+        for &cache in caches {
+            out.append(&mut run_shapes(
+                m,
+                cache,
+                backend,
+                dtype,
+                elem,
+                &a.shape,
+                &a.contexts,
+                &a.workers,
+                a.tokens,
+                bandwidth,
+            ));
+        }
+        out
+    }
     let cases = match (a.backend.as_str(), a.dtype.as_str()) {
         ("ndarray", _) => {
             let m = colony_inference::model::Llama::<colony_inference::Cpu>::random(
@@ -353,66 +391,47 @@ fn run_blocks(a: &InferBenchArgs) -> anyhow::Result<()> {
                 &Default::default(),
                 1,
             );
-            run_shapes(
-                &m,
-                "ndarray",
-                "f32",
-                4,
-                &a.shape,
-                &a.contexts,
-                &a.workers,
-                passes,
-                12e9,
-            )
+            all(a, &m, &caches, "ndarray", "f32", 4, 12e9)
         }
         #[cfg(feature = "cuda")]
         ("cuda", dtype) => {
+            use super::infer_gpu::H200_BYTES_PER_S;
+            use colony_inference::gpu::{Cuda, FusedCuda};
+            use colony_inference::model::Llama;
             if !colony_trainer::backend::cuda_available() {
                 anyhow::bail!("--backend cuda: no CUDA driver (libcuda.so) on this machine");
             }
             let dev = burn::backend::cuda::CudaDevice::new(0);
-            let t0 = Instant::now();
-            let cases = match dtype {
-                "bf16" => {
-                    let m =
-                        colony_inference::model::Llama::<burn::backend::Cuda<half::bf16>>::random(
-                            &c, &dev, 1,
-                        );
-                    println!(
-                        "random {} weights made in {:.1} s",
-                        a.shape,
-                        t0.elapsed().as_secs_f64()
-                    );
-                    run_shapes(
-                        &m,
-                        "cuda",
-                        "bf16",
-                        2,
-                        &a.shape,
-                        &a.contexts,
-                        &a.workers,
-                        passes,
-                        H200_BYTES_PER_S,
-                    )
-                }
-                "f32" => {
-                    let m = colony_inference::model::Llama::<burn::backend::Cuda<f32>>::random(
-                        &c, &dev, 1,
-                    );
-                    run_shapes(
-                        &m,
-                        "cuda",
-                        "f32",
-                        4,
-                        &a.shape,
-                        &a.contexts,
-                        &a.workers,
-                        passes,
-                        H200_BYTES_PER_S,
-                    )
-                }
-                other => anyhow::bail!("--dtype {other:?}: bf16 or f32"),
-            };
+            let mut cases = Vec::new();
+            for fusion in &a.fusion {
+                let name = match fusion.as_str() {
+                    "on" => "cuda+fusion",
+                    "off" => "cuda",
+                    other => anyhow::bail!("--fusion {other:?}: on or off"),
+                };
+                let t0 = Instant::now();
+                let mut more = match (dtype, fusion.as_str()) {
+                    ("bf16", "on") => {
+                        let m = Llama::<FusedCuda<half::bf16>>::random(&c, &dev, 1);
+                        all(a, &m, &caches, name, "bf16", 2, H200_BYTES_PER_S)
+                    }
+                    ("bf16", _) => {
+                        let m = Llama::<Cuda<half::bf16>>::random(&c, &dev, 1);
+                        all(a, &m, &caches, name, "bf16", 2, H200_BYTES_PER_S)
+                    }
+                    ("f32", "on") => {
+                        let m = Llama::<FusedCuda<f32>>::random(&c, &dev, 1);
+                        all(a, &m, &caches, name, "f32", 4, H200_BYTES_PER_S)
+                    }
+                    ("f32", _) => {
+                        let m = Llama::<Cuda<f32>>::random(&c, &dev, 1);
+                        all(a, &m, &caches, name, "f32", 4, H200_BYTES_PER_S)
+                    }
+                    (other, _) => anyhow::bail!("--dtype {other:?}: bf16 or f32"),
+                };
+                println!("{name}: {:.1} s", t0.elapsed().as_secs_f64());
+                cases.append(&mut more);
+            }
             cases
         }
         #[cfg(not(feature = "cuda"))]

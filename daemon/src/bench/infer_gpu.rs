@@ -11,9 +11,10 @@
 use std::time::Instant;
 
 use burn::prelude::Backend;
-use colony_inference::cache::{BlockCache, Row, Segment};
+use colony_inference::cache::{BlockCache, BlockStore, Row, Segment};
 use colony_inference::hogwild::{BurnDecoder, Decoder};
 use colony_inference::model::Llama;
+use colony_inference::slab::SlabCache;
 use colony_inference::weights::Config;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -24,6 +25,8 @@ pub const H200_BYTES_PER_S: f64 = 4.8e12;
 #[derive(Debug, Clone, Serialize)]
 pub struct GpuCase {
     pub backend: String,
+    /// `slab` (one attention call per layer) or `block` (per-block products and a merge).
+    pub cache: String,
     pub dtype: String,
     pub shape: String,
     pub params: usize,
@@ -69,10 +72,57 @@ fn pass_rows(context: usize, lens: &[usize], tokens: &[u32]) -> Vec<Row> {
         .collect()
 }
 
+/// Which cache the passes go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheKind {
+    Slab,
+    Block,
+}
+
+impl CacheKind {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "slab" => Ok(Self::Slab),
+            "block" => Ok(Self::Block),
+            other => anyhow::bail!("--cache {other:?}: slab or block"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Slab => "slab",
+            Self::Block => "block",
+        }
+    }
+}
+
 /// Prefills `context` random tokens into block 0 (in chunks), then times `passes` passes of
 /// `workers` rows after `warmup` untimed ones; returns seconds per pass.
 pub fn time_passes<B: Backend>(
     model: &Llama<B>,
+    cache: CacheKind,
+    context: usize,
+    workers: usize,
+    warmup: usize,
+    passes: usize,
+    seed: u64,
+) -> f64 {
+    let layers = model.config.layers;
+    match cache {
+        CacheKind::Slab => {
+            let c = SlabCache::<B>::new(layers, 1 + workers);
+            time_with(model, c, context, workers, warmup, passes, seed)
+        }
+        CacheKind::Block => {
+            let c = BlockCache::<B>::new(layers, 1 + workers);
+            time_with(model, c, context, workers, warmup, passes, seed)
+        }
+    }
+}
+
+fn time_with<B: Backend, C: BlockStore<B>>(
+    model: &Llama<B>,
+    cache: C,
     context: usize,
     workers: usize,
     warmup: usize,
@@ -81,10 +131,7 @@ pub fn time_passes<B: Backend>(
 ) -> f64 {
     let c = &model.config;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut dec = BurnDecoder {
-        model,
-        cache: BlockCache::<B>::new(c.layers, 1 + workers),
-    };
+    let mut dec = BurnDecoder { model, cache };
     const CHUNK: usize = 512;
     let mut done = 0;
     while done < context {
@@ -130,9 +177,51 @@ pub fn bytes_per_pass(c: &Config, elem: usize, context: usize, cached_worker_tok
     ((c.params() + kv) * elem) as f64
 }
 
+/// What the backend costs apart from the model: microseconds per small elementwise operation
+/// (launch and dispatch overhead; 2000 dependent `x + 1` on 2048 values), and one
+/// `[1, 2048] × [2048, 8192]` product (a decoding step's typical matrix-vector product; 32 MiB
+/// of bf16 weights, `n` times) with the bandwidth it reaches. Printed with the cases.
+pub fn probe<B: Backend>(dev: &B::Device, elem: usize, n: usize) -> (f64, f64, f64) {
+    use burn::tensor::{Distribution, Tensor};
+    let sync = || {
+        let _ = B::sync(dev);
+    };
+    let mut x = Tensor::<B, 2>::zeros([1, 2048], dev);
+    for _ in 0..100 {
+        x = x.add_scalar(1.0);
+    }
+    sync();
+    let t = Instant::now();
+    for _ in 0..2000 {
+        x = x.add_scalar(1.0);
+    }
+    let _ = x.into_data();
+    let op_us = t.elapsed().as_secs_f64() * 1e6 / 2000.0;
+    let w = Tensor::<B, 2>::random([2048, 8192], Distribution::Normal(0.0, 0.02), dev);
+    let a = Tensor::<B, 2>::random([1, 2048], Distribution::Normal(0.0, 1.0), dev);
+    for _ in 0..n.min(10) {
+        let _ = a.clone().matmul(w.clone());
+    }
+    sync();
+    let t = Instant::now();
+    let mut acc = Tensor::<B, 2>::zeros([1, 8192], dev);
+    for _ in 0..n {
+        acc = acc + a.clone().matmul(w.clone());
+    }
+    let _ = acc.into_data();
+    let mm_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let gbps = (2048 * 8192 * elem) as f64 / (mm_us * 1e-6) / 1e9;
+    println!(
+        "backend probe: {op_us:.1} µs per small elementwise op; [1,2048]×[2048,8192]: {mm_us:.1} µs \
+         ({gbps:.0} GB/s of weights)"
+    );
+    (op_us, mm_us, gbps)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn run_shapes<B: Backend>(
     model: &Llama<B>,
+    cache: CacheKind,
     backend: &str,
     dtype: &str,
     elem: usize,
@@ -149,8 +238,8 @@ pub fn run_shapes<B: Backend>(
         for &w in workers {
             // Once untimed: the first run of a shape compiles (and autotunes) kernels; on the
             // H200 that made the first context's passes ten times slower than the second's.
-            let _ = time_passes(model, ctx, w, 3, passes, 7 + w as u64);
-            let s = time_passes(model, ctx, w, 3, passes, 7 + w as u64);
+            let _ = time_passes(model, cache, ctx, w, 3, passes, 7 + w as u64);
+            let s = time_passes(model, cache, ctx, w, 3, passes, 7 + w as u64);
             let tps = w as f64 / s;
             if w == 1 {
                 one = Some(tps);
@@ -160,6 +249,7 @@ pub fn run_shapes<B: Backend>(
             let bound = bytes_per_pass(c, elem, ctx, cached) / bandwidth;
             let case = GpuCase {
                 backend: backend.into(),
+                cache: cache.name().into(),
                 dtype: dtype.into(),
                 shape: shape.into(),
                 params: c.params(),
@@ -174,8 +264,9 @@ pub fn run_shapes<B: Backend>(
                 over_bound: s / bound,
             };
             println!(
-                "context {ctx:>5}, {w} workers: {tps:>8.1} tokens/s aggregate, {:>7.2} ms per pass \
+                "{backend} {} cache, context {ctx:>5}, {w} workers: {tps:>8.1} tokens/s aggregate, {:>7.2} ms per pass \
                  (bound {:.3} ms, {:.1}×){}",
+                cache.name(),
                 case.ms_per_pass,
                 case.bound_ms_per_pass,
                 case.over_bound,
@@ -222,8 +313,25 @@ mod tests {
         let c = shape("tiny").unwrap();
         let dev = Default::default();
         let m = Llama::<colony_inference::Cpu>::random(&c, &dev, 1);
-        let cases = run_shapes(&m, "ndarray", "f32", 4, "tiny", &[40], &[1, 2], 3, 1e10);
-        assert_eq!(cases.len(), 2);
+        let mut cases = Vec::new();
+        for cache in [CacheKind::Slab, CacheKind::Block] {
+            let mut c = run_shapes(
+                &m,
+                cache,
+                "ndarray",
+                "f32",
+                4,
+                "tiny",
+                &[40],
+                &[1, 2],
+                3,
+                1e10,
+            );
+            cases.append(&mut c);
+        }
+        assert_eq!(cases.len(), 4);
+        let (op_us, mm_us, _) = probe::<colony_inference::Cpu>(&dev, 4, 1);
+        assert!(op_us > 0.0 && mm_us > 0.0);
         assert!(
             cases
                 .iter()
