@@ -68,7 +68,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[test]
-fn block_cache_and_native_decoder_equal_a_plain_recompute_of_each_workers_view() {
+fn block_and_slab_caches_and_native_decoder_equal_a_plain_recompute_of_each_workers_view() {
     let l = loaded();
     let layers = l.model.config.layers;
     let cfg = HogwildConfig {
