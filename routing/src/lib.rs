@@ -1,5 +1,35 @@
-//! Graph routing: the similarity-graph index (HNSW), search under a distance-computation
-//! budget, learned routing, and dataset readers.
-//!
-//! Not yet built: this crate is reserved in the workspace so the dependency direction
-//! (protocol ← routing ← daemon) is fixed from the start. It will hold no networking.
+//! Nearest-neighbour search in similarity graphs: an HNSW index (L2, inner product, cosine;
+//! parallel build, searches under an `ef` beam or a budget of distance computations, inserts,
+//! deletes with repair, label filters, a file format), readers of the usual vector files with
+//! brute-force ground truth, and learned routing ("Learning to Route in Similarity Graphs").
+//! No networking here: the daemon serves shards of an index to peers.
+
+pub mod data;
+pub mod distance;
+pub mod hnsw;
+pub mod store;
+mod visited;
+
+pub use distance::Metric;
+pub use hnsw::{Found, Hit, Hnsw, Params, Query};
+
+/// What the routing crate reports.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    #[error("no vector with key {0}")]
+    NotFound(u64),
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {what}")]
+    Corrupt {
+        path: std::path::PathBuf,
+        what: String,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
