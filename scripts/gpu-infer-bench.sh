@@ -12,4 +12,5 @@ out=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$bin" bench infer --backend cuda --shape llama-3.2-1b --dtype "${DTYPE:-bf16}" \
   --contexts "${CONTEXTS:-1024,8192}" --workers "${WORKERS:-1,2,4,8}" --tokens "${PASSES:-32}" \
+  --cache "${CACHE:-slab,block}" --fusion "${FUSION:-on,off}" \
   --torch "${TORCH:-auto}" --json "$out/gpu-infer.json"

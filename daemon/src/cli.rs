@@ -80,6 +80,9 @@ pub enum BenchSuite {
     Train(crate::bench::train::TrainBenchArgs),
     /// Hogwild! decoding speed for several worker counts (native CPU decoder).
     Infer(crate::bench::infer::InferBenchArgs),
+    /// Nearest-neighbour search: recall/QPS curves of the HNSW index on GloVe vs hnswlib and
+    /// faiss, recall@1 under distance budgets.
+    Route(crate::bench::route::RouteBenchArgs),
     /// One peer of `bench allreduce` (driven over stdin/stdout by the benchmark).
     #[command(hide = true)]
     AllreducePeer(crate::bench::allreduce::PeerArgs),
@@ -313,6 +316,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             suite: BenchSuite::Infer(args),
         } => tokio::task::spawn_blocking(move || crate::bench::infer::run(args))
+            .await
+            .map_err(|e| anyhow::anyhow!("the benchmark panicked: {e}"))?,
+        Command::Bench {
+            suite: BenchSuite::Route(args),
+        } => tokio::task::spawn_blocking(move || crate::bench::route::run(args))
             .await
             .map_err(|e| anyhow::anyhow!("the benchmark panicked: {e}"))?,
         Command::Bench {

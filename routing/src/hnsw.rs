@@ -631,8 +631,9 @@ impl Hnsw {
         budget: &mut Budget,
         ok: impl Fn(u32) -> bool,
     ) -> Vec<Near> {
-        let mut cand: BinaryHeap<Far> = BinaryHeap::with_capacity(ef * 2);
-        let mut top: BinaryHeap<Near> = BinaryHeap::with_capacity(ef + 1);
+        // ef may be "unbounded" (a budgeted search): size the heaps for what is typical.
+        let mut cand: BinaryHeap<Far> = BinaryHeap::with_capacity(ef.min(512) * 2);
+        let mut top: BinaryHeap<Near> = BinaryHeap::with_capacity(ef.min(512) + 1);
         for &e in eps {
             if vis.insert(e.1) {
                 cand.push(Far(std::cmp::Reverse(e)));
@@ -840,23 +841,47 @@ fn write_list(list: &[AtomicU32], ids: &[u32]) {
     list[0].store(ids.len() as u32, Relaxed);
 }
 
-/// The `k` nearest rows of `base` to `q` by brute force (ties by index): the oracle.
+/// The `k` nearest rows of `base` to `q` by brute force (ties by index): the oracle. Under
+/// the cosine metric both sides are normalised first.
 pub fn brute_force(base: &[f32], dim: usize, metric: Metric, q: &[f32], k: usize) -> Vec<u32> {
-    let mut qn = q.to_vec();
-    if metric.normalises() {
-        normalise(&mut qn);
+    struct Op<'a> {
+        base: &'a [f32],
+        dim: usize,
+        metric: Metric,
+        q: &'a [f32],
     }
-    let mut all: Vec<Near> = base
-        .chunks_exact(dim)
-        .enumerate()
-        .map(|(i, v)| {
-            let mut vn = v.to_vec();
-            if metric.normalises() {
-                normalise(&mut vn);
+    impl WithSimd for Op<'_> {
+        type Output = Vec<Near>;
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, s: S) -> Vec<Near> {
+            let mut qn = self.q.to_vec();
+            let mut vn = vec![0f32; self.dim];
+            let cosine = self.metric.normalises();
+            if cosine {
+                normalise(&mut qn);
             }
-            Near(metric.distance(&qn, &vn), i as u32)
-        })
-        .collect();
+            self.base
+                .chunks_exact(self.dim)
+                .enumerate()
+                .map(|(i, v)| {
+                    let d = if cosine {
+                        vn.copy_from_slice(v);
+                        normalise(&mut vn);
+                        dist(s, self.metric, &qn, &vn)
+                    } else {
+                        dist(s, self.metric, &qn, v)
+                    };
+                    Near(d, i as u32)
+                })
+                .collect()
+        }
+    }
+    let mut all = dispatch(Op {
+        base,
+        dim,
+        metric,
+        q,
+    });
     let k = k.min(all.len());
     if k == 0 {
         return Vec::new();

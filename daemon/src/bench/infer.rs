@@ -40,7 +40,8 @@ pub struct InferBenchArgs {
     /// Measure the exact f32 decoder (dequantised weights) instead of the quantised one.
     #[arg(long)]
     pub f32: bool,
-    /// Rounds of every measurement (ours and llama.cpp's, alternating); medians are reported.
+    /// Rounds of every measurement (ours and llama.cpp's alternating; on `--backend cuda`
+    /// every worker count's passes in turn, `--tokens` passes each); medians are reported.
     #[arg(long, default_value_t = 5)]
     pub repeat: usize,
     /// cpu: the native decoder on `--model`. cuda (a build with `--features cuda`) or ndarray:
@@ -367,6 +368,10 @@ fn run_blocks(a: &InferBenchArgs) -> anyhow::Result<()> {
         bandwidth: f64,
     ) -> Vec<GpuCase> {
         let _ = super::infer_gpu::probe::<B>(m.device(), elem, 200);
+        for &w in &a.workers {
+            let ms = super::infer_gpu::without_attention_ms(m, w, a.tokens);
+            println!("{backend}: a pass of {w} rows without attention: {ms:.2} ms");
+        }
         let mut out = Vec::new();
         for &cache in caches {
             out.append(&mut run_shapes(
@@ -379,6 +384,7 @@ fn run_blocks(a: &InferBenchArgs) -> anyhow::Result<()> {
                 &a.contexts,
                 &a.workers,
                 a.tokens,
+                a.repeat,
                 bandwidth,
             ));
         }

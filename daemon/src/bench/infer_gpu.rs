@@ -32,8 +32,12 @@ pub struct GpuCase {
     pub params: usize,
     pub context: usize,
     pub workers: usize,
+    /// Passes per round.
     pub passes: usize,
+    pub rounds: usize,
+    /// The median over rounds.
     pub ms_per_pass: f64,
+    pub ms_per_pass_each_round: Vec<f64>,
     pub tokens_per_s: f64,
     pub speedup_vs_one_worker: f64,
     /// Weights + the cache read once, at `bandwidth` bytes/s.
@@ -96,77 +100,117 @@ impl CacheKind {
     }
 }
 
-/// Prefills `context` random tokens into block 0 (in chunks), then times `passes` passes of
-/// `workers` rows after `warmup` untimed ones; returns seconds per pass.
-pub fn time_passes<B: Backend>(
+/// One decoder under measurement: `workers` rows per pass over a common history of `context`
+/// random tokens (prefilled in chunks when made).
+struct Run<'m, B: Backend, C: BlockStore<B>> {
+    dec: BurnDecoder<'m, B, C>,
+    context: usize,
+    lens: Vec<usize>,
+    rng: rand::rngs::StdRng,
+}
+
+impl<'m, B: Backend, C: BlockStore<B>> Run<'m, B, C> {
+    fn new(model: &'m Llama<B>, cache: C, context: usize, workers: usize, seed: u64) -> Self {
+        let vocab = model.config.vocab as u32;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut dec = BurnDecoder { model, cache };
+        const CHUNK: usize = 512;
+        let mut done = 0;
+        while done < context {
+            let n = CHUNK.min(context - done);
+            let rows: Vec<Row> = (0..n)
+                .map(|i| Row {
+                    token: rng.gen_range(0..vocab),
+                    write: 0,
+                    view: vec![Segment {
+                        block: 0,
+                        visible: done + i + 1,
+                    }],
+                })
+                .collect();
+            dec.forward(&rows, &[]);
+            done += n;
+        }
+        Self {
+            dec,
+            context,
+            lens: vec![0; workers],
+            rng,
+        }
+    }
+
+    /// Runs `passes` passes (each reads every row's logits back); seconds per pass.
+    fn passes(&mut self, passes: usize) -> f64 {
+        let vocab = self.dec.model.config.vocab as u32;
+        let want: Vec<usize> = (0..self.lens.len()).collect();
+        let t0 = Instant::now();
+        for _ in 0..passes {
+            let tokens: Vec<u32> = (0..self.lens.len())
+                .map(|_| self.rng.gen_range(0..vocab))
+                .collect();
+            let rows = pass_rows(self.context, &self.lens, &tokens);
+            let logits = self.dec.forward(&rows, &want);
+            debug_assert_eq!(logits.len(), self.lens.len());
+            for l in &mut self.lens {
+                *l += 1;
+            }
+        }
+        t0.elapsed().as_secs_f64() / passes.max(1) as f64
+    }
+}
+
+/// Seconds per pass of each worker count, per round: a decoder per worker count, each warmed
+/// up (a first run of a shape compiles and autotunes kernels), then `rounds` rounds of
+/// `passes` passes of every count one after another, so that a drift of the machine's speed
+/// falls on every count alike.
+pub fn time_rounds<B: Backend>(
     model: &Llama<B>,
     cache: CacheKind,
     context: usize,
-    workers: usize,
-    warmup: usize,
+    workers: &[usize],
     passes: usize,
-    seed: u64,
-) -> f64 {
-    let layers = model.config.layers;
+    rounds: usize,
+) -> Vec<Vec<f64>> {
+    let blocks = |w: usize| 1 + w;
     match cache {
         CacheKind::Slab => {
-            let c = SlabCache::<B>::new(layers, 1 + workers);
-            time_with(model, c, context, workers, warmup, passes, seed)
+            let runs = workers
+                .iter()
+                .map(|&w| {
+                    let c = SlabCache::<B>::new(model.config.layers, blocks(w));
+                    Run::new(model, c, context, w, 7 + w as u64)
+                })
+                .collect();
+            rounds_of(runs, passes, rounds)
         }
         CacheKind::Block => {
-            let c = BlockCache::<B>::new(layers, 1 + workers);
-            time_with(model, c, context, workers, warmup, passes, seed)
+            let runs = workers
+                .iter()
+                .map(|&w| {
+                    let c = BlockCache::<B>::new(model.config.layers, blocks(w));
+                    Run::new(model, c, context, w, 7 + w as u64)
+                })
+                .collect();
+            rounds_of(runs, passes, rounds)
         }
     }
 }
 
-fn time_with<B: Backend, C: BlockStore<B>>(
-    model: &Llama<B>,
-    cache: C,
-    context: usize,
-    workers: usize,
-    warmup: usize,
+fn rounds_of<B: Backend, C: BlockStore<B>>(
+    mut runs: Vec<Run<'_, B, C>>,
     passes: usize,
-    seed: u64,
-) -> f64 {
-    let c = &model.config;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut dec = BurnDecoder { model, cache };
-    const CHUNK: usize = 512;
-    let mut done = 0;
-    while done < context {
-        let n = CHUNK.min(context - done);
-        let rows: Vec<Row> = (0..n)
-            .map(|i| Row {
-                token: rng.gen_range(0..c.vocab as u32),
-                write: 0,
-                view: vec![Segment {
-                    block: 0,
-                    visible: done + i + 1,
-                }],
-            })
-            .collect();
-        dec.forward(&rows, &[]);
-        done += n;
+    rounds: usize,
+) -> Vec<Vec<f64>> {
+    for r in &mut runs {
+        let _ = r.passes(3);
     }
-    let want: Vec<usize> = (0..workers).collect();
-    let mut lens = vec![0usize; workers];
-    let mut t0 = Instant::now();
-    for p in 0..warmup + passes {
-        if p == warmup {
-            t0 = Instant::now();
-        }
-        let tokens: Vec<u32> = (0..workers)
-            .map(|_| rng.gen_range(0..c.vocab as u32))
-            .collect();
-        let rows = pass_rows(context, &lens, &tokens);
-        let logits = dec.forward(&rows, &want);
-        debug_assert_eq!(logits.len(), workers);
-        for l in &mut lens {
-            *l += 1;
+    let mut out = vec![Vec::new(); runs.len()];
+    for _ in 0..rounds {
+        for (i, r) in runs.iter_mut().enumerate() {
+            out[i].push(r.passes(passes));
         }
     }
-    t0.elapsed().as_secs_f64() / passes.max(1) as f64
+    out
 }
 
 /// Bytes one pass must read at least: every weight once (a tied embedding once, as the output
@@ -178,44 +222,79 @@ pub fn bytes_per_pass(c: &Config, elem: usize, context: usize, cached_worker_tok
 }
 
 /// What the backend costs apart from the model: microseconds per small elementwise operation
-/// (launch and dispatch overhead; 2000 dependent `x + 1` on 2048 values), and one
-/// `[1, 2048] × [2048, 8192]` product (a decoding step's typical matrix-vector product; 32 MiB
-/// of bf16 weights, `n` times) with the bandwidth it reaches. Printed with the cases.
+/// launched and waited for (`x + 1` on 2048 values, then a sync: launch, dispatch and one
+/// round trip), and per `[1, 2048] × [2048, 8192]` product waited for (a decoding step's
+/// typical matrix-vector product; 32 MiB of bf16 weights) with the bandwidth that makes; each
+/// `n` times after a few untimed. Printed with the cases.
 pub fn probe<B: Backend>(dev: &B::Device, elem: usize, n: usize) -> (f64, f64, f64) {
     use burn::tensor::{Distribution, Tensor};
     let sync = || {
         let _ = B::sync(dev);
     };
+    let time = |f: &mut dyn FnMut()| {
+        for _ in 0..n.min(10) {
+            f();
+        }
+        sync();
+        let t = Instant::now();
+        for _ in 0..n {
+            f();
+        }
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    };
     let mut x = Tensor::<B, 2>::zeros([1, 2048], dev);
-    for _ in 0..100 {
-        x = x.add_scalar(1.0);
-    }
-    sync();
-    let t = Instant::now();
-    for _ in 0..2000 {
-        x = x.add_scalar(1.0);
-    }
-    let _ = x.into_data();
-    let op_us = t.elapsed().as_secs_f64() * 1e6 / 2000.0;
+    let op_us = time(&mut || {
+        x = x.clone().add_scalar(1.0);
+        sync();
+    });
     let w = Tensor::<B, 2>::random([2048, 8192], Distribution::Normal(0.0, 0.02), dev);
     let a = Tensor::<B, 2>::random([1, 2048], Distribution::Normal(0.0, 1.0), dev);
-    for _ in 0..n.min(10) {
-        let _ = a.clone().matmul(w.clone());
-    }
-    sync();
-    let t = Instant::now();
-    let mut acc = Tensor::<B, 2>::zeros([1, 8192], dev);
-    for _ in 0..n {
-        acc = acc + a.clone().matmul(w.clone());
-    }
-    let _ = acc.into_data();
-    let mm_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let mm_us = time(&mut || {
+        let _y = a.clone().matmul(w.clone());
+        sync();
+    });
     let gbps = (2048 * 8192 * elem) as f64 / (mm_us * 1e-6) / 1e9;
     println!(
-        "backend probe: {op_us:.1} µs per small elementwise op; [1,2048]×[2048,8192]: {mm_us:.1} µs \
-         ({gbps:.0} GB/s of weights)"
+        "backend probe: {op_us:.1} µs per small elementwise op waited for; \
+         [1,2048]×[2048,8192] waited for: {mm_us:.1} µs ({gbps:.0} GB/s of weights)"
     );
     (op_us, mm_us, gbps)
+}
+
+/// Attention left out: each layer's output is its queries, reshaped (no operation).
+#[derive(Debug)]
+struct NoAttention;
+
+impl<B: Backend> colony_inference::model::Attention<B> for NoAttention {
+    fn attend(
+        &mut self,
+        _rope: &colony_inference::model::Rope,
+        _layer: usize,
+        q: burn::tensor::Tensor<B, 3>,
+        _k: burn::tensor::Tensor<B, 3>,
+        _v: burn::tensor::Tensor<B, 3>,
+    ) -> burn::tensor::Tensor<B, 2> {
+        let [rows, heads, hd] = q.dims();
+        q.reshape([rows, heads * hd])
+    }
+}
+
+/// Milliseconds per pass of `rows` rows without attention (every weight product, norm and
+/// activation, the logits read back): what a pass costs besides its cache.
+pub fn without_attention_ms<B: Backend>(model: &Llama<B>, rows: usize, passes: usize) -> f64 {
+    let tokens: Vec<u32> = (0..rows as u32).collect();
+    let run = || {
+        let h = model.hidden(&tokens, &mut NoAttention);
+        let _ = colony_inference::model::to_vec(model.logits(h));
+    };
+    for _ in 0..3 {
+        run();
+    }
+    let t = Instant::now();
+    for _ in 0..passes {
+        run();
+    }
+    1e3 * t.elapsed().as_secs_f64() / passes.max(1) as f64
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -229,23 +308,33 @@ pub fn run_shapes<B: Backend>(
     contexts: &[usize],
     workers: &[usize],
     passes: usize,
+    rounds: usize,
     bandwidth: f64,
 ) -> Vec<GpuCase> {
     let c = &model.config;
     let mut cases: Vec<GpuCase> = Vec::new();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
     for &ctx in contexts {
-        let mut one = None;
-        for &w in workers {
-            // Once untimed: the first run of a shape compiles (and autotunes) kernels; on the
-            // H200 that made the first context's passes ten times slower than the second's.
-            let _ = time_passes(model, cache, ctx, w, 3, passes, 7 + w as u64);
-            let s = time_passes(model, cache, ctx, w, 3, passes, 7 + w as u64);
+        let per_round = time_rounds(model, cache, ctx, workers, passes, rounds);
+        let one = workers.iter().position(|&w| w == 1);
+        for (i, &w) in workers.iter().enumerate() {
+            let s = median(per_round[i].clone());
             let tps = w as f64 / s;
-            if w == 1 {
-                one = Some(tps);
-            }
-            // Mid-run worker blocks: about passes/2 + warm-up tokens each.
-            let cached = w * (3 + passes / 2);
+            // The speed-up: the median over rounds of this round's ratio to one worker.
+            let speedup = one.map_or(f64::NAN, |o| {
+                median(
+                    per_round[i]
+                        .iter()
+                        .zip(&per_round[o])
+                        .map(|(si, so)| w as f64 * so / si)
+                        .collect(),
+                )
+            });
+            // Mid-run worker blocks: about half the tokens decoded.
+            let cached = w * (3 + passes * rounds / 2);
             let bound = bytes_per_pass(c, elem, ctx, cached) / bandwidth;
             let case = GpuCase {
                 backend: backend.into(),
@@ -256,9 +345,11 @@ pub fn run_shapes<B: Backend>(
                 context: ctx,
                 workers: w,
                 passes,
+                rounds,
                 ms_per_pass: 1e3 * s,
+                ms_per_pass_each_round: per_round[i].iter().map(|x| 1e3 * x).collect(),
                 tokens_per_s: tps,
-                speedup_vs_one_worker: one.map_or(f64::NAN, |o| tps / o),
+                speedup_vs_one_worker: speedup,
                 bound_ms_per_pass: 1e3 * bound,
                 bandwidth,
                 over_bound: s / bound,
@@ -270,8 +361,11 @@ pub fn run_shapes<B: Backend>(
                 case.ms_per_pass,
                 case.bound_ms_per_pass,
                 case.over_bound,
-                one.filter(|_| w != 1)
-                    .map_or(String::new(), |o| format!(", {:.2}× one worker", tps / o))
+                if w != 1 && speedup.is_finite() {
+                    format!(", {speedup:.2}× one worker")
+                } else {
+                    String::new()
+                }
             );
             cases.push(case);
         }
@@ -325,12 +419,14 @@ mod tests {
                 &[40],
                 &[1, 2],
                 3,
+                2,
                 1e10,
             );
             cases.append(&mut c);
         }
         assert_eq!(cases.len(), 4);
         let (op_us, mm_us, _) = probe::<colony_inference::Cpu>(&dev, 4, 1);
+        assert!(without_attention_ms(&m, 2, 1) > 0.0);
         assert!(op_us > 0.0 && mm_us > 0.0);
         assert!(
             cases

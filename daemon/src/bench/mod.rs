@@ -5,6 +5,7 @@ pub mod allreduce;
 pub mod dht;
 pub mod infer;
 pub mod infer_gpu;
+pub mod route;
 pub mod train;
 
 use std::path::Path;
