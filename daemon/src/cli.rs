@@ -61,6 +61,11 @@ pub enum Command {
     Train(Box<crate::train_cli::TrainArgs>),
     /// Hogwild! inference on this machine: several workers of one model answer together.
     Infer(crate::infer_cli::InferArgs),
+    /// Nearest-neighbour indexes: build one from a vector file, query it.
+    Route {
+        #[command(subcommand)]
+        command: crate::route_cli::RouteCommand,
+    },
     /// Start a small local swarm and show what it does.
     Demo(crate::demo::DemoArgs),
     /// Benchmark suites.
@@ -303,6 +308,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Infer(args) => tokio::task::spawn_blocking(move || crate::infer_cli::run(args))
             .await
             .map_err(|e| anyhow::anyhow!("inference panicked: {e}"))?,
+        Command::Route { command } => {
+            tokio::task::spawn_blocking(move || crate::route_cli::run(command))
+                .await
+                .map_err(|e| anyhow::anyhow!("the route command panicked: {e}"))?
+        }
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Bench {
             suite: BenchSuite::Dht(args),

@@ -23,6 +23,7 @@ pub mod matchmaking;
 pub mod netlab;
 pub mod node;
 pub mod openai;
+pub mod route_cli;
 pub mod storage;
 pub mod swarm;
 pub mod swav_job;

@@ -152,6 +152,55 @@ impl Budget {
     }
 }
 
+/// The query's distance to a vertex. Searches take this, not a closure: the search runs inside
+/// one SIMD dispatch, and a closure's body may be compiled apart from it, without the
+/// dispatch's target features, which made every distance a chain of calls (the GloVe ground
+/// truth ran ~10× slower that way).
+pub(crate) trait ToVertex {
+    fn to(&self, v: u32) -> f32;
+    /// Starts loading what `to(v)` will read (a hint; the default does nothing).
+    #[inline(always)]
+    fn touch(&self, _v: u32) {}
+}
+
+/// Distances to the stored vectors.
+pub(crate) struct ToVector<'a, S: Simd> {
+    pub s: S,
+    pub metric: Metric,
+    pub q: &'a [f32],
+    pub h: &'a Hnsw,
+}
+
+impl<S: Simd> ToVertex for ToVector<'_, S> {
+    #[inline(always)]
+    fn to(&self, v: u32) -> f32 {
+        dist(self.s, self.metric, self.q, self.h.vec(v))
+    }
+
+    /// One load per 64-byte line of the vector, issued before the distances that need them,
+    /// so that a vertex's neighbours' cache misses overlap (safe code has no prefetch
+    /// instruction; a load whose value is not waited for does the same).
+    #[inline(always)]
+    fn touch(&self, v: u32) {
+        let x = self.h.vec(v);
+        let mut i = 0;
+        while i < x.len() {
+            std::hint::black_box(x[i]);
+            i += 16;
+        }
+    }
+}
+
+/// Distances between stored vectors and a list of them, without closures (see [`ToVertex`]).
+#[inline(always)]
+fn nears<S: Simd>(s: S, h: &Hnsw, base: &[f32], ids: &[u32]) -> Vec<Near> {
+    let mut out = Vec::with_capacity(ids.len());
+    for &x in ids {
+        out.push(Near(dist(s, h.metric, base, h.vec(x)), x));
+    }
+    out
+}
+
 /// The entry vertex and its level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Entry {
@@ -508,9 +557,14 @@ impl Hnsw {
         };
         let q = self.vec(slot);
         let metric = self.metric;
-        let d = |v: u32| dist(s, metric, q, self.vec(v));
+        let d = ToVector {
+            s,
+            metric,
+            q,
+            h: self,
+        };
         let mut budget = Budget::new(None);
-        let mut ep = Near(d(entry.slot), entry.slot);
+        let mut ep = Near(d.to(entry.slot), entry.slot);
         for lc in (level + 1..=entry.level).rev() {
             ep = self.greedy(&d, ep, lc, &mut budget);
         }
@@ -544,6 +598,7 @@ impl Hnsw {
     }
 
     /// Adds `new` to `e`'s list on `level`, pruning with the heuristic when full.
+    #[inline(always)]
     fn add_link<S: Simd>(&self, s: S, e: u32, new: u32, level: usize) {
         let _g = self.locks[e as usize].lock();
         let list = self.list(e, level);
@@ -558,10 +613,8 @@ impl Hnsw {
             return;
         }
         let base = self.vec(e);
-        let mut cands: Vec<Near> = Self::ids(list)
-            .chain(std::iter::once(new))
-            .map(|x| Near(dist(s, self.metric, base, self.vec(x)), x))
-            .collect();
+        let ids: Vec<u32> = Self::ids(list).chain(std::iter::once(new)).collect();
+        let mut cands = nears(s, self, base, &ids);
         cands.sort_unstable();
         let chosen = self.select(s, &cands, cap, e);
         write_list(list, &chosen);
@@ -569,6 +622,7 @@ impl Hnsw {
 
     /// hnswlib's neighbour heuristic: from `cands` (nearest first, distances to the vertex
     /// `of`), keep a candidate only if it is nearer to `of` than to every one kept before.
+    #[inline(always)]
     pub(crate) fn select<S: Simd>(&self, s: S, cands: &[Near], m: usize, of: u32) -> Vec<u32> {
         let mut kept: Vec<u32> = Vec::with_capacity(m);
         for &Near(d, c) in cands {
@@ -579,10 +633,14 @@ impl Hnsw {
                 continue;
             }
             let cv = self.vec(c);
-            if kept
-                .iter()
-                .all(|&r| dist(s, self.metric, cv, self.vec(r)) >= d)
-            {
+            let mut good = true;
+            for &r in &kept {
+                if dist(s, self.metric, cv, self.vec(r)) < d {
+                    good = false;
+                    break;
+                }
+            }
+            if good {
                 kept.push(c);
             }
         }
@@ -593,7 +651,7 @@ impl Hnsw {
     #[inline(always)]
     pub(crate) fn greedy(
         &self,
-        d: &impl Fn(u32) -> f32,
+        d: &impl ToVertex,
         mut cur: Near,
         level: usize,
         budget: &mut Budget,
@@ -604,7 +662,7 @@ impl Hnsw {
                 if !budget.spend() {
                     return cur;
                 }
-                let dn = d(n);
+                let dn = d.to(n);
                 if dn < cur.0 {
                     cur = Near(dn, n);
                     moved = true;
@@ -623,7 +681,7 @@ impl Hnsw {
     #[inline(always)]
     pub(crate) fn beam(
         &self,
-        d: &impl Fn(u32) -> f32,
+        d: &impl ToVertex,
         eps: &[Near],
         ef: usize,
         level: usize,
@@ -650,19 +708,25 @@ impl Hnsw {
         } else {
             f32::INFINITY
         };
+        let mut fresh: Vec<u32> = Vec::with_capacity(self.params.m0);
         'outer: while let Some(Far(std::cmp::Reverse(c))) = cand.pop() {
             if c.0 > bound {
                 break;
             }
             budget.hops += 1;
+            // The unvisited neighbours first, their vectors' loads issued together.
+            fresh.clear();
             for n in Self::ids(self.list(c.1, level)) {
-                if !vis.insert(n) {
-                    continue;
+                if vis.insert(n) {
+                    fresh.push(n);
+                    d.touch(n);
                 }
+            }
+            for &n in &fresh {
                 if !budget.spend() {
                     break 'outer;
                 }
-                let dn = d(n);
+                let dn = d.to(n);
                 if top.len() < ef || dn < bound {
                     cand.push(Far(std::cmp::Reverse(Near(dn, n))));
                     if ok(n) {
@@ -708,7 +772,8 @@ impl Hnsw {
             fn with_simd<S: Simd>(self, s: S) -> Found {
                 let (h, v) = (self.h, self.v);
                 let metric = h.metric;
-                h.search_with(&|x: u32| dist(s, metric, v, h.vec(x)), self.q)
+                let d = ToVector { s, metric, q: v, h };
+                h.search_with(&d, self.q)
             }
         }
         Ok(dispatch(Op { h: self, v, q }))
@@ -717,7 +782,7 @@ impl Hnsw {
     /// A search where `d` gives the query's distance to a vertex (the original vectors, or
     /// learned routing vectors).
     #[inline(always)]
-    pub(crate) fn search_with(&self, d: &impl Fn(u32) -> f32, q: &Query) -> Found {
+    pub(crate) fn search_with(&self, d: &impl ToVertex, q: &Query) -> Found {
         let Some(entry) = self.entry_now() else {
             return Found::default();
         };
@@ -725,7 +790,7 @@ impl Hnsw {
         let start = if q.bottom_only {
             entry.slot
         } else {
-            let mut ep = Near(d(entry.slot), entry.slot);
+            let mut ep = Near(d.to(entry.slot), entry.slot);
             budget.spend();
             for lc in (1..=entry.level).rev() {
                 ep = self.greedy(d, ep, lc, &mut budget);
@@ -735,7 +800,7 @@ impl Hnsw {
         let mut vis = self.pool.take(self.slots());
         let label = q.label;
         let ok = |x: u32| label.is_none_or(|l| self.labels[x as usize] == l);
-        let first = Near(d(start), start);
+        let first = Near(d.to(start), start);
         let ef = q.ef.max(q.k);
         let mut top = self.beam(d, &[first], ef, 0, &mut vis, &mut budget, ok);
         self.pool.give(vis);
@@ -791,6 +856,7 @@ impl Hnsw {
         Ok(())
     }
 
+    #[inline(always)]
     fn repair<S: Simd>(&mut self, s: S, gone: u32) {
         let top = self.levels[gone as usize] as usize;
         for level in 0..=top {
@@ -808,11 +874,11 @@ impl Hnsw {
                 .collect();
             for u in pointing {
                 let base = self.vec(u);
-                let mut cands: Vec<Near> = Self::ids(self.list(u, level))
+                let ids: Vec<u32> = Self::ids(self.list(u, level))
                     .filter(|&x| x != gone)
                     .chain(its.iter().copied().filter(|&x| x != u))
-                    .map(|x| Near(dist(s, self.metric, base, self.vec(x)), x))
                     .collect();
+                let mut cands = nears(s, self, base, &ids);
                 cands.sort_unstable();
                 cands.dedup_by_key(|n| n.1);
                 let chosen = self.select(s, &cands, self.cap(level), u);
@@ -860,20 +926,19 @@ pub fn brute_force(base: &[f32], dim: usize, metric: Metric, q: &[f32], k: usize
             if cosine {
                 normalise(&mut qn);
             }
-            self.base
-                .chunks_exact(self.dim)
-                .enumerate()
-                .map(|(i, v)| {
-                    let d = if cosine {
-                        vn.copy_from_slice(v);
-                        normalise(&mut vn);
-                        dist(s, self.metric, &qn, &vn)
-                    } else {
-                        dist(s, self.metric, &qn, v)
-                    };
-                    Near(d, i as u32)
-                })
-                .collect()
+            // A loop, not a closure: see `ToVertex`.
+            let mut out = Vec::with_capacity(self.base.len() / self.dim);
+            for (i, v) in self.base.chunks_exact(self.dim).enumerate() {
+                let d = if cosine {
+                    vn.copy_from_slice(v);
+                    normalise(&mut vn);
+                    dist(s, self.metric, &qn, &vn)
+                } else {
+                    dist(s, self.metric, &qn, v)
+                };
+                out.push(Near(d, i as u32));
+            }
+            out
         }
     }
     let mut all = dispatch(Op {
