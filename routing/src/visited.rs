@@ -7,8 +7,8 @@ use std::sync::Mutex;
 /// Which vertices one search has seen.
 #[derive(Debug)]
 pub struct Visited {
-    stamps: Vec<u32>,
-    generation: u32,
+    stamps: Vec<u16>,
+    generation: u16,
 }
 
 impl Visited {
