@@ -227,7 +227,7 @@ pub struct Hnsw {
     /// Held while a vertex above the current top level is inserted.
     promote: Mutex<()>,
     locks: Vec<Mutex<()>>,
-    pool: Pool,
+    pub(crate) pool: Pool,
     rng: rand::rngs::StdRng,
 }
 

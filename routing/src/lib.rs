@@ -7,6 +7,7 @@
 pub mod data;
 pub mod distance;
 pub mod hnsw;
+pub mod learned;
 pub mod store;
 mod visited;
 
