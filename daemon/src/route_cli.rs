@@ -76,10 +76,8 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
         v = v.rows(0..a.limit);
     }
     let params = Params {
-        m: a.m,
-        m0: 2 * a.m,
         ef_construction: a.ef_construction,
-        seed: 42,
+        ..Params::with_m(a.m)
     };
     let t = Instant::now();
     let index = Hnsw::build(&v.data, v.dim, metric, params)?;

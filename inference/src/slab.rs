@@ -55,20 +55,12 @@ struct Layout {
 
 impl Layout {
     fn slots(&self) -> usize {
-        self.regions
-            .iter()
-            .flatten()
-            .map(|r| r.start + r.cap)
-            .max()
-            .unwrap_or(0)
+        self.all().map(|r| r.start + r.cap).max().unwrap_or(0)
     }
 
-    /// Regions in order, with their (block, copy).
-    fn all(&self) -> impl Iterator<Item = (BlockId, usize, Region)> + '_ {
-        self.regions
-            .iter()
-            .enumerate()
-            .flat_map(|(b, cs)| cs.iter().enumerate().map(move |(c, r)| (b, c, *r)))
+    /// Regions in order (block by block, copy by copy).
+    fn all(&self) -> impl Iterator<Item = Region> + '_ {
+        self.regions.iter().flatten().copied()
     }
 
     /// The number of region (b, c) in [`Layout::all`]'s order.
@@ -269,7 +261,7 @@ impl<B: Backend> SlabCache<B> {
             }
         }
         let mut member = vec![0f32; regions * slots];
-        for (i, (_, _, reg)) in layout.all().enumerate() {
+        for (i, reg) in layout.all().enumerate() {
             member[i * slots + reg.start..i * slots + reg.start + reg.cap].fill(1.0);
         }
         let int = |v: Vec<i64>| {

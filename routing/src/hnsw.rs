@@ -806,16 +806,21 @@ impl Hnsw {
         self.pool.give(vis);
         top.truncate(q.k);
         Found {
-            hits: top
-                .into_iter()
-                .map(|Near(distance, s)| Hit {
-                    key: self.keys[s as usize],
-                    distance,
-                })
-                .collect(),
+            hits: self.hits(top),
             dcs: budget.used,
             hops: budget.hops,
         }
+    }
+
+    /// Answers from (distance, slot) pairs, in their order.
+    pub(crate) fn hits(&self, nears: Vec<Near>) -> Vec<Hit> {
+        nears
+            .into_iter()
+            .map(|Near(distance, s)| Hit {
+                key: self.keys[s as usize],
+                distance,
+            })
+            .collect()
     }
 
     /// Searches every row of `vectors` on rayon's threads.

@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use pulp::{Simd, WithSimd};
 
 use crate::distance::{dispatch, dist, dot, normalise};
-use crate::hnsw::{Budget, Found, Hit, Hnsw, Near, ToVertex};
+use crate::hnsw::{Budget, Found, Hnsw, Near, ToVertex};
 use crate::{Error, Result};
 
 /// Routing vectors of an index's slots and the query map.
@@ -175,13 +175,7 @@ impl Hnsw {
         let verified = best.len();
         best.truncate(rq.k);
         Ok(Found {
-            hits: best
-                .into_iter()
-                .map(|Near(distance, s)| Hit {
-                    key: self.keys[s as usize],
-                    distance,
-                })
-                .collect(),
+            hits: self.hits(best),
             dcs: (budget.used * r.dim).div_ceil(self.dim) + proj + verified,
             hops: budget.hops,
         })

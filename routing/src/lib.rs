@@ -1,7 +1,8 @@
 //! Nearest-neighbour search in similarity graphs: an HNSW index (L2, inner product, cosine;
 //! parallel build, searches under an `ef` beam or a budget of distance computations, inserts,
 //! deletes with repair, label filters, a file format), readers of the usual vector files with
-//! brute-force ground truth, and learned routing ("Learning to Route in Similarity Graphs").
+//! brute-force ground truth, and the search side of learned routing ("Learning to Route in
+//! Similarity Graphs": routed search and the breadth-first expert; training comes later).
 //! No networking here: the daemon serves shards of an index to peers.
 
 pub mod data;

@@ -167,10 +167,8 @@ pub fn run(a: RouteBenchArgs) -> anyhow::Result<()> {
     );
     let cores = rayon::current_num_threads();
     let params = Params {
-        m: a.m,
-        m0: 2 * a.m,
         ef_construction: a.ef_construction,
-        seed: 42,
+        ..Params::with_m(a.m)
     };
     let t = Instant::now();
     let index = Hnsw::build(&base.data, base.dim, Metric::L2, params)?;
