@@ -42,6 +42,8 @@ pub struct NodeConfig {
     pub limits: LimitsConfig,
     /// Serve inference jobs (peer RPC and `/v1/chat/completions`) with this model.
     pub infer: Option<InferConfig>,
+    /// Serve these shards of nearest-neighbour indexes (`[[route]]` tables).
+    pub route: Vec<crate::route_service::ShardConfig>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -117,6 +119,7 @@ impl Default for NodeConfig {
             dht: DhtConfig::default(),
             limits: LimitsConfig::default(),
             infer: None,
+            route: Vec::new(),
         }
     }
 }

@@ -520,6 +520,22 @@ impl NodeHandle {
             .map_err(|_| anyhow!("the node has stopped"))
     }
 
+    /// Hands routing searches to `handler` (None: stops serving them).
+    pub async fn set_route_handler(
+        &self,
+        handler: Option<crate::swarm::actor::RouteHandler>,
+    ) -> anyhow::Result<()> {
+        self.tx
+            .send(Command::SetRouteHandler(handler))
+            .await
+            .map_err(|_| anyhow!("the node has stopped"))
+    }
+
+    /// Answers a deferred request (see [`crate::swarm::actor::RouteCall`]).
+    pub async fn respond(&self, id: u64, response: Response) {
+        let _ = self.tx.send(Command::Respond { id, response }).await;
+    }
+
     pub async fn unregister_state_handler(&self, run: String) {
         let _ = self.tx.send(Command::UnregisterStateHandler { run }).await;
     }

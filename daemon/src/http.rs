@@ -22,6 +22,7 @@ pub async fn serve(
     addr: SocketAddr,
     handle: NodeHandle,
     infer: Option<crate::infer_service::InferService>,
+    route: Option<crate::route_service::RouteService>,
     cancel: CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<SocketAddr> {
@@ -29,7 +30,9 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot bind the HTTP API to {addr}"))?;
     let bound = listener.local_addr()?;
-    let app = router(handle).merge(crate::openai::router(infer));
+    let app = router(handle.clone())
+        .merge(crate::openai::router(infer))
+        .merge(route_router(handle, route));
     tasks.spawn(async move {
         let shutdown = async move { cancel.cancelled().await };
         if let Err(e) = axum::serve(listener, app)
@@ -171,4 +174,46 @@ async fn ping(
     Ok(Json(
         serde_json::json!({ "peer": peer.to_string(), "rtt_ms": rtt.as_secs_f64() * 1e3 }),
     ))
+}
+
+/// `POST /api/route/query`: a nearest-neighbour query fanned out to every shard of an index
+/// in the swarm (see `route_service::query`); `GET /api/route/shards`: the shards this node
+/// serves.
+pub fn route_router(
+    handle: NodeHandle,
+    route: Option<crate::route_service::RouteService>,
+) -> Router {
+    Router::new()
+        .route("/api/route/query", post(route_query))
+        .route("/api/route/shards", get(route_shards))
+        .with_state((handle, route))
+}
+
+type RouteState = (NodeHandle, Option<crate::route_service::RouteService>);
+
+async fn route_query(
+    State((h, local)): State<RouteState>,
+    body: Result<Json<crate::route_service::RouteQuery>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<crate::route_service::Merged>, ApiError> {
+    let Json(q) = body.map_err(|e| bad_request(e.body_text()))?;
+    crate::route_service::query(&h, local.as_ref(), &q)
+        .await
+        .map(Json)
+        .map_err(|e| {
+            let msg = format!("{e:#}");
+            if msg.contains("values")
+                || msg.contains("must be")
+                || msg.contains("not finite")
+                || msg.contains("dimensional")
+                || msg.contains("index name")
+            {
+                bad_request(msg)
+            } else {
+                ApiError(StatusCode::SERVICE_UNAVAILABLE, msg)
+            }
+        })
+}
+
+async fn route_shards(State((_, local)): State<RouteState>) -> impl IntoResponse {
+    Json(local.map(|s| s.records()).unwrap_or_default())
 }

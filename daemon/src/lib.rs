@@ -24,6 +24,7 @@ pub mod netlab;
 pub mod node;
 pub mod openai;
 pub mod route_cli;
+pub mod route_service;
 pub mod storage;
 pub mod swarm;
 pub mod swav_job;

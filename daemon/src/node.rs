@@ -29,6 +29,8 @@ pub struct Node {
     pub http_addr: Option<SocketAddr>,
     /// The inference service, when the node serves a model.
     pub infer: Option<crate::infer_service::InferService>,
+    /// The index shards the node serves, when it serves any.
+    pub route: Option<crate::route_service::RouteService>,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -56,6 +58,9 @@ impl Node {
         config.validate()?;
         if config.infer.is_some() && !config.services.iter().any(|s| s == "infer") {
             config.services.push("infer".into());
+        }
+        if !config.route.is_empty() && !config.services.iter().any(|s| s == "route") {
+            config.services.push("route".into());
         }
         let data = DataDir::new(&config.data_dir);
         std::fs::create_dir_all(data.root())
@@ -137,12 +142,25 @@ impl Node {
             }
             None => None,
         };
+        let route = if config.route.is_empty() {
+            None
+        } else {
+            let shards = config.route.clone();
+            let svc = tokio::task::spawn_blocking(move || {
+                crate::route_service::RouteService::load(&shards)
+            })
+            .await
+            .context("the index loader panicked")??;
+            svc.start(&handle, &cancel, &mut tasks).await?;
+            Some(svc)
+        };
         let http_addr = match config.http {
             Some(addr) => Some(
                 http::serve(
                     addr,
                     handle.clone(),
                     infer.clone(),
+                    route.clone(),
                     cancel.clone(),
                     &mut tasks,
                 )
@@ -167,6 +185,7 @@ impl Node {
             handle,
             http_addr,
             infer,
+            route,
             cancel,
             tasks,
         })

@@ -1,5 +1,7 @@
-//! `colony route`: build an HNSW index from a vector file and query it on this machine.
-//! (Serving an index's shards to peers is the node's job.)
+//! `colony route`: build an HNSW index (or one shard of it) from a vector file, train learned
+//! routing vectors for it, and query it: a file on this machine, or an index served in shards
+//! by the swarm (through a running node's HTTP API; serving shards is the node's job, see
+//! `route_service`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -12,6 +14,8 @@ use colony_routing::{Hnsw, Metric, Params, Query};
 pub enum RouteCommand {
     /// Build an index from a vector file (.npy, .fvecs, .bvecs); keys are row numbers.
     Build(BuildArgs),
+    /// Learn routing vectors for an index (imitation of a breadth-first expert, burn on CPU).
+    Train(TrainArgs),
     /// The nearest neighbours of one vector or of every row of a file.
     Query(QueryArgs),
 }
@@ -34,13 +38,59 @@ pub struct BuildArgs {
     /// Index only the first N rows (0: all).
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
+    /// Build shard I of --shards (contiguous row ranges; keys stay the global row numbers).
+    #[arg(long, default_value_t = 0)]
+    pub shard: u32,
+    #[arg(long, default_value_t = 1)]
+    pub shards: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// An index written by `colony route build`.
+    #[arg(long)]
+    pub index: PathBuf,
+    /// Where the routing vectors are written.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Dimension of the routing subspace (0: the vectors' own).
+    #[arg(long, default_value_t = 16)]
+    pub dim: usize,
+    /// Budgets of distance computations to train for.
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    pub budgets: Vec<usize>,
+    /// Vertices re-ranked on the original vectors, as a fraction of the budget.
+    #[arg(long, default_value_t = 0.125)]
+    pub verify: f64,
+    #[arg(long, default_value_t = 4)]
+    pub rounds: usize,
+    #[arg(long, default_value_t = 4000)]
+    pub queries: usize,
+    #[arg(long, default_value_t = 300)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Stored vectors held out as dev queries (the best round on them is kept).
+    #[arg(long, default_value_t = 1000)]
+    pub dev: usize,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Args)]
 pub struct QueryArgs {
     /// An index written by `colony route build`.
+    #[arg(long, required_unless_present = "swarm", conflicts_with = "swarm")]
+    pub index: Option<PathBuf>,
+    /// An index served in shards by the swarm, by name: asked through the node at --api.
     #[arg(long)]
-    pub index: PathBuf,
+    pub swarm: Option<String>,
+    /// The node's HTTP API (with --swarm).
+    #[arg(long, env = "COLONY_API", default_value = "http://127.0.0.1:8700")]
+    pub api: String,
+    /// Routing vectors from `colony route train` (needs --max-dcs): the learned-routing search.
+    #[arg(long, requires = "max_dcs", conflicts_with = "swarm")]
+    pub routing: Option<PathBuf>,
     /// One query vector, comma-separated.
     #[arg(long, conflicts_with = "queries", allow_hyphen_values = true)]
     pub vector: Option<String>,
@@ -65,22 +115,39 @@ pub struct QueryArgs {
 pub fn run(cmd: RouteCommand) -> anyhow::Result<()> {
     match cmd {
         RouteCommand::Build(a) => build(a),
+        RouteCommand::Train(a) => train(a),
+        RouteCommand::Query(a) if a.swarm.is_some() => query_swarm(a),
         RouteCommand::Query(a) => query(a),
     }
 }
 
-fn build(a: BuildArgs) -> anyhow::Result<()> {
+pub fn build(a: BuildArgs) -> anyhow::Result<()> {
     let metric = Metric::parse(&a.metric).map_err(anyhow::Error::msg)?;
     let mut v = read_vectors(&a.data)?;
     if a.limit > 0 && a.limit < v.n {
         v = v.rows(0..a.limit);
     }
+    anyhow::ensure!(
+        a.shards >= 1 && a.shard < a.shards,
+        "--shard {} of --shards {}: shards are numbered from 0",
+        a.shard,
+        a.shards
+    );
+    let rows = crate::route_service::shard_rows(v.n, a.shard, a.shards);
     let params = Params {
         ef_construction: a.ef_construction,
         ..Params::with_m(a.m)
     };
     let t = Instant::now();
-    let index = Hnsw::build(&v.data, v.dim, metric, params)?;
+    let index = if a.shards == 1 {
+        Hnsw::build(&v.data, v.dim, metric, params)?
+    } else {
+        let part = v.rows(rows.clone());
+        let keys: Vec<u64> = rows.clone().map(|r| r as u64).collect();
+        let mut h = Hnsw::new(v.dim, metric, params)?;
+        h.insert_many(&part.data, &keys, None)?;
+        h
+    };
     let secs = t.elapsed().as_secs_f64();
     index.save(&a.out)?;
     println!(
@@ -96,18 +163,9 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn query(a: QueryArgs) -> anyhow::Result<()> {
-    let t = Instant::now();
-    let index = Hnsw::load(&a.index)?;
-    let load_ms = t.elapsed().as_secs_f64() * 1e3;
-    let q = Query {
-        k: a.k,
-        ef: a.ef,
-        max_dcs: a.max_dcs,
-        label: a.label,
-        bottom_only: false,
-    };
-    let queries: Vec<Vec<f32>> = match (&a.vector, &a.queries) {
+/// The query vectors of --vector or --queries.
+fn query_vectors(a: &QueryArgs) -> anyhow::Result<Vec<Vec<f32>>> {
+    Ok(match (&a.vector, &a.queries) {
         (Some(s), None) => vec![
             s.split(',')
                 .map(|x| {
@@ -122,18 +180,167 @@ fn query(a: QueryArgs) -> anyhow::Result<()> {
             (0..m.n).map(|i| m.row(i).to_vec()).collect()
         }
         _ => anyhow::bail!("give --vector or --queries"),
+    })
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<()> {
+    use colony_routing::train::{TrainConfig, train};
+    let index = Hnsw::load(&a.index)?;
+    let cfg = TrainConfig {
+        dim: a.dim,
+        budgets: a.budgets.clone(),
+        verify: a.verify,
+        rounds: a.rounds,
+        queries_per_round: a.queries,
+        steps_per_round: a.steps,
+        lr: a.lr,
+        dev: a.dev.min(index.len() / 10),
+        seed: a.seed,
+        ..TrainConfig::default()
     };
+    eprintln!(
+        "{}: {} vectors; routing in {} dimensions for budgets {:?}, {} rounds",
+        a.index.display(),
+        index.len(),
+        if a.dim == 0 { index.dim() } else { a.dim },
+        a.budgets,
+        a.rounds
+    );
+    let trained = train(&index, &cfg, |r| {
+        let dev: Vec<String> = r
+            .dev
+            .iter()
+            .map(|p| {
+                format!(
+                    "DCS {}: plain {:.3} learned {:.3}",
+                    p.budget, p.plain, p.learned
+                )
+            })
+            .collect();
+        eprintln!(
+            "round {}: {} events, loss {:.3}, accuracy {:.3}; dev recall@1 {}  [{:.0} s]",
+            r.round,
+            r.events,
+            r.loss,
+            r.accuracy,
+            dev.join(", "),
+            r.secs
+        );
+    })?;
+    eprintln!("kept round {} (best on the dev queries)", trained.round);
+    trained.routing.save(&index, &a.out)?;
+    println!("routing vectors written to {}", a.out.display());
+    Ok(())
+}
+
+/// Asks a running node to fan each query out to the shards of a swarm index.
+fn query_swarm(a: QueryArgs) -> anyhow::Result<()> {
+    let name = a.swarm.clone().unwrap_or_default();
+    let queries = query_vectors(&a)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::new();
+    let url = format!("{}/api/route/query", a.api.trim_end_matches('/'));
+    for (i, v) in queries.into_iter().enumerate() {
+        let body = crate::route_service::RouteQuery {
+            index: name.clone(),
+            vector: v,
+            k: a.k as u32,
+            ef: a.ef as u32,
+            max_dcs: a.max_dcs.map(|x| x as u32),
+            label: a.label,
+        };
+        let resp = rt.block_on(async {
+            let r = client
+                .post(&url)
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot reach the node at {}: {e}", a.api))?;
+            let status = r.status();
+            let text = r.text().await?;
+            if !status.is_success() {
+                let msg = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(String::from))
+                    .unwrap_or(text);
+                anyhow::bail!("{status}: {msg}");
+            }
+            Ok(serde_json::from_str::<crate::route_service::Merged>(&text)?)
+        })?;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({"query": i, "hits": resp.hits, "shards": resp.shards})
+            );
+        } else {
+            let hits: Vec<String> = resp
+                .hits
+                .iter()
+                .map(|h| format!("{} ({:.4})", h.key, h.distance))
+                .collect();
+            let from: Vec<String> = resp
+                .shards
+                .iter()
+                .map(|s| format!("{}@{} {:.1} ms", s.shard, short_peer(&s.peer), s.ms))
+                .collect();
+            println!(
+                "query {i}: {}  [shards {}]",
+                hits.join(", "),
+                from.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn short_peer(p: &str) -> &str {
+    &p[p.len().saturating_sub(6)..]
+}
+
+fn query(a: QueryArgs) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let path = a
+        .index
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("give --index or --swarm"))?;
+    let index = Hnsw::load(&path)?;
+    let routing = match &a.routing {
+        Some(p) => Some(colony_routing::learned::Routing::load(&index, p)?),
+        None => None,
+    };
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    let q = Query {
+        k: a.k,
+        ef: a.ef,
+        max_dcs: a.max_dcs,
+        label: a.label,
+        bottom_only: false,
+    };
+    let queries = query_vectors(&a)?;
     if !a.json {
         eprintln!(
             "{}: {} vectors of dimension {} ({}), loaded in {load_ms:.0} ms",
-            a.index.display(),
+            path.display(),
             index.len(),
             index.dim(),
             index.metric().name()
         );
     }
     for (i, v) in queries.iter().enumerate() {
-        let f = index.search(v, &q)?;
+        let f = match (&routing, a.max_dcs) {
+            (Some(r), Some(b)) => index.search_routed(
+                r,
+                v,
+                &colony_routing::learned::Routed {
+                    k: a.k,
+                    max_dcs: b,
+                    verify: colony_routing::train::verify_for(b, 0.125).max(a.k),
+                },
+            )?,
+            _ => index.search(v, &q)?,
+        };
         if a.json {
             let hits: Vec<serde_json::Value> = f
                 .hits
@@ -180,6 +387,8 @@ mod tests {
             m: 8,
             ef_construction: 50,
             limit: 0,
+            shard: 0,
+            shards: 1,
         })
         .unwrap();
         let index = Hnsw::load(&out).unwrap();
@@ -188,7 +397,10 @@ mod tests {
         let f = index.search(m.row(5), &Query::top(1, 32)).unwrap();
         assert_eq!(f.hits[0].distance, 0.0);
         let q = |vector: Option<&str>| QueryArgs {
-            index: out.clone(),
+            index: Some(out.clone()),
+            swarm: None,
+            api: String::new(),
+            routing: None,
             vector: vector.map(String::from),
             queries: None,
             k: 3,
@@ -210,6 +422,8 @@ mod tests {
             m: 8,
             ef_construction: 50,
             limit: 0,
+            shard: 0,
+            shards: 1,
         })
         .unwrap_err()
         .to_string();

@@ -12,6 +12,7 @@
 //! - [`rpc`]: peer RPC requests and responses.
 //! - [`allreduce`]: all-reduce parts and results.
 //! - [`infer`]: inference jobs (start, poll for tokens, cancel).
+//! - [`route`]: nearest-neighbour shards (announcements, searches).
 //! - [`envelope`]: signed envelopes for payloads that must be attributable to a node.
 
 pub mod allreduce;
@@ -21,6 +22,7 @@ pub mod envelope;
 pub mod identity;
 pub mod infer;
 pub mod names;
+pub mod route;
 pub mod rpc;
 pub mod train;
 

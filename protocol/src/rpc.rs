@@ -34,6 +34,8 @@ pub enum Request {
     State(StateRequest),
     /// Inference jobs (Hogwild! decoding on a node that serves a model).
     Infer(crate::infer::InferRequest),
+    /// Nearest-neighbour searches of a shard this node serves.
+    Route(crate::route::RouteRequest),
 }
 
 /// The answer to a [`Request`].
@@ -59,6 +61,7 @@ pub enum Response {
     State(StateResponse),
     Error(RpcError),
     Infer(crate::infer::InferResponse),
+    Route(crate::route::RouteResponse),
 }
 
 /// What happened to one entry of a store request.
@@ -122,6 +125,7 @@ impl Request {
             Request::Group(_) => "group",
             Request::State(_) => "state",
             Request::Infer(_) => "infer",
+            Request::Route(_) => "route",
         }
     }
 }

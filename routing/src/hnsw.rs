@@ -495,7 +495,85 @@ impl Hnsw {
         }
         let this = &*self;
         rest.par_iter().for_each(|&s| this.link(s));
+        // A replaced link can strand another vertex: repeat until none is added (in practice
+        // one pass; bounded all the same).
+        for _ in 0..8 {
+            if self.connect_bottom() == 0 {
+                break;
+            }
+        }
         Ok(())
+    }
+
+    /// Makes every live vertex reachable from the entry on the bottom layer. The neighbour
+    /// heuristic can leave a vertex with no in-links (every vertex that once linked to it
+    /// later pruned it); such a vertex is never found by any search. Each one found by a
+    /// breadth-first walk from the entry gets a link from the nearest reached vertex among
+    /// its own neighbours (or, with none reached, from the entry); when that list is full,
+    /// the link replaces the neighbour with the most other in-links. Returns how many links
+    /// were added.
+    pub fn connect_bottom(&mut self) -> usize {
+        let Some(entry) = self.entry_now() else {
+            return 0;
+        };
+        let n = self.slots();
+        let mut indeg = vec![0u32; n];
+        for u in 0..n as u32 {
+            for v in Self::ids(self.list(u, 0)) {
+                indeg[v as usize] += 1;
+            }
+        }
+        let mut reached = vec![false; n];
+        let mut queue = std::collections::VecDeque::new();
+        let mut added = 0;
+        let walk = |h: &Self,
+                    from: u32,
+                    reached: &mut Vec<bool>,
+                    queue: &mut std::collections::VecDeque<u32>| {
+            if reached[from as usize] {
+                return;
+            }
+            reached[from as usize] = true;
+            queue.push_back(from);
+            while let Some(v) = queue.pop_front() {
+                for u in Self::ids(h.list(v, 0)) {
+                    if !reached[u as usize] {
+                        reached[u as usize] = true;
+                        queue.push_back(u);
+                    }
+                }
+            }
+        };
+        walk(self, entry.slot, &mut reached, &mut queue);
+        for v in 0..n as u32 {
+            if reached[v as usize] || self.deleted[v as usize] {
+                continue;
+            }
+            let me = self.vec(v);
+            let from = Self::ids(self.list(v, 0))
+                .filter(|&u| reached[u as usize])
+                .map(|u| (self.metric.distance(me, self.vec(u)), u))
+                .min_by(|a, b| a.0.total_cmp(&b.0))
+                .map_or(entry.slot, |x| x.1);
+            let list = self.list(from, 0);
+            let cnt = (list[0].load(Relaxed) as usize).min(self.params.m0);
+            if cnt < self.params.m0 {
+                list[1 + cnt].store(v, Relaxed);
+                list[0].store(cnt as u32 + 1, Relaxed);
+            } else {
+                // Replace the neighbour that others link to most (it stays reachable).
+                let (pos, w) = Self::ids(list)
+                    .enumerate()
+                    .max_by_key(|&(_, w)| indeg[w as usize])
+                    .unwrap_or((0, v));
+                indeg[w as usize] = indeg[w as usize].saturating_sub(1);
+                list[1 + pos].store(v, Relaxed);
+            }
+            indeg[v as usize] += 1;
+            added += 1;
+            walk(self, v, &mut reached, &mut queue);
+        }
+        added
     }
 
     /// A new slot at the end.

@@ -15,9 +15,23 @@ use std::collections::VecDeque;
 
 use pulp::{Simd, WithSimd};
 
-use crate::distance::{dispatch, dist, dot, normalise};
+use crate::distance::{Metric, dispatch, dist, dot, normalise};
 use crate::hnsw::{Budget, Found, Hnsw, Near, ToVertex};
 use crate::{Error, Result};
+
+/// How a query becomes `g(q)`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QueryMap {
+    /// `g(q) = q` (d = D).
+    Identity,
+    /// `g(q) = (q, 1)` (d = D + 1): the extra coordinate of a routing vector acts as a
+    /// per-vertex offset, which lets `−⟨f(v), g(q)⟩` equal a squared L2 distance up to a
+    /// per-query constant (`f(v) = (x, −|x|²/2)`). Costs nothing.
+    Lifted,
+    /// `g(q) = (P q, 1)` with P `(d − 1) × D` row-major: routing in a learned subspace, lifted
+    /// as above; computing it costs d − 1 distance computations.
+    Projected(Vec<f32>),
+}
 
 /// Routing vectors of an index's slots and the query map.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,8 +40,18 @@ pub struct Routing {
     pub dim: usize,
     /// `slots × d`, row-major.
     pub table: Vec<f32>,
-    /// `d × D` (row-major), or None for the identity (then d = D).
-    pub proj: Option<Vec<f32>>,
+    pub map: QueryMap,
+}
+
+/// `(x, c(x))`: the lifted vector whose routing distance `−⟨(x, c), (q, 1)⟩` orders vertices as
+/// the index's metric does (`c = −|x|²/2` for L2, 0 for inner product and for cosine, whose
+/// stored vectors are unit vectors).
+pub(crate) fn lift(metric: Metric, x: &[f32], out: &mut Vec<f32>) {
+    out.extend_from_slice(x);
+    out.push(match metric {
+        Metric::L2 => -0.5 * x.iter().map(|a| a * a).sum::<f32>(),
+        Metric::InnerProduct | Metric::Cosine => 0.0,
+    });
 }
 
 impl Routing {
@@ -37,40 +61,79 @@ impl Routing {
         Self {
             dim: h.dim(),
             table: h.vectors.clone(),
-            proj: None,
+            map: QueryMap::Identity,
+        }
+    }
+
+    /// The lifted stored vectors ([`QueryMap::Lifted`]): routing that orders vertices exactly
+    /// as the index's metric does, for every metric. Learned routing starts here.
+    pub fn lifted(h: &Hnsw) -> Self {
+        let mut table = Vec::with_capacity(h.slots() * (h.dim() + 1));
+        for s in 0..h.slots() as u32 {
+            lift(h.metric(), h.vec(s), &mut table);
+        }
+        Self {
+            dim: h.dim() + 1,
+            table,
+            map: QueryMap::Lifted,
         }
     }
 
     /// `g(q)`.
     pub fn query(&self, q: &[f32]) -> Vec<f32> {
-        match &self.proj {
-            None => q.to_vec(),
-            Some(p) => p
-                .chunks_exact(q.len())
-                .map(|row| row.iter().zip(q).map(|(a, b)| a * b).sum())
-                .collect(),
+        match &self.map {
+            QueryMap::Identity => q.to_vec(),
+            QueryMap::Lifted => {
+                let mut g = q.to_vec();
+                g.push(1.0);
+                g
+            }
+            QueryMap::Projected(p) => {
+                let mut g: Vec<f32> = p
+                    .chunks_exact(q.len())
+                    .map(|row| row.iter().zip(q).map(|(a, b)| a * b).sum())
+                    .collect();
+                g.push(1.0);
+                g
+            }
         }
     }
 
-    fn check(&self, h: &Hnsw) -> Result<()> {
+    /// What computing `g(q)` costs, in full distance computations.
+    pub fn map_cost(&self) -> usize {
+        match self.map {
+            QueryMap::Projected(_) => self.dim - 1,
+            QueryMap::Identity | QueryMap::Lifted => 0,
+        }
+    }
+
+    pub(crate) fn check(&self, h: &Hnsw) -> Result<()> {
         let want = h.slots() * self.dim;
-        if self.table.len() != want || (self.proj.is_none() && self.dim != h.dim()) {
+        let dims_ok = match &self.map {
+            QueryMap::Identity => self.dim == h.dim(),
+            QueryMap::Lifted => self.dim == h.dim() + 1,
+            QueryMap::Projected(p) => self.dim >= 2 && p.len() == (self.dim - 1) * h.dim(),
+        };
+        if self.table.len() != want || !dims_ok || self.dim == 0 {
             return Err(Error::Invalid(format!(
-                "a routing table of {} values (dimension {}) for {} slots of dimension {}",
+                "a routing table of {} values (dimension {}, query map {}) for {} slots of \
+                 dimension {}",
                 self.table.len(),
                 self.dim,
+                self.map_name(),
                 h.slots(),
                 h.dim()
             )));
         }
-        if self
-            .proj
-            .as_ref()
-            .is_some_and(|p| p.len() != self.dim * h.dim())
-        {
-            return Err(Error::Invalid("the query map is not d × D".into()));
-        }
         Ok(())
+    }
+
+    fn map_name(&self) -> &'static str {
+        match self.map {
+            QueryMap::Identity => "identity",
+            QueryMap::Lifted => "lifted",
+            QueryMap::Projected(_) => "projected",
+        }
     }
 }
 
@@ -116,7 +179,7 @@ impl Hnsw {
             normalise(&mut qn);
         }
         let g = r.query(&qn);
-        let proj = if r.proj.is_some() { r.dim } else { 0 };
+        let proj = r.map_cost();
         let fixed = proj + rq.verify;
         // Routing distances the budget allows: each costs d/D of a full one.
         let routing = rq.max_dcs.saturating_sub(fixed) * self.dim / r.dim.max(1);
@@ -216,7 +279,7 @@ impl Reverse {
     }
 
     /// The slots that link to `v`.
-    pub fn into(&self, v: u32) -> &[u32] {
+    pub fn linking_to(&self, v: u32) -> &[u32] {
         let (a, b) = (self.offsets[v as usize], self.offsets[v as usize + 1]);
         &self.ids[a as usize..b as usize]
     }
@@ -224,21 +287,43 @@ impl Reverse {
     /// Every slot's number of hops to `target` along the bottom layer's edges (`u32::MAX`
     /// where it cannot reach it).
     pub fn hops_to(&self, target: u32) -> Vec<u32> {
+        let mut hops = Vec::new();
+        self.hops_into(target, None, &mut hops, &mut VecDeque::new());
+        hops
+    }
+
+    /// [`Reverse::hops_to`] into buffers the caller keeps between calls, with paths through
+    /// `avoid` left out (a stored vector used as a query is not in its own search, so a path
+    /// through it is no path for that search).
+    pub fn hops_into(
+        &self,
+        target: u32,
+        avoid: Option<u32>,
+        hops: &mut Vec<u32>,
+        queue: &mut VecDeque<u32>,
+    ) {
         let n = self.offsets.len() - 1;
-        let mut hops = vec![u32::MAX; n];
-        let mut queue = VecDeque::new();
+        hops.clear();
+        hops.resize(n, u32::MAX);
+        queue.clear();
+        if let Some(a) = avoid {
+            // Marked reached so it is never entered; reset below.
+            hops[a as usize] = 0;
+        }
         hops[target as usize] = 0;
         queue.push_back(target);
         while let Some(v) = queue.pop_front() {
             let h = hops[v as usize] + 1;
-            for &u in self.into(v) {
+            for &u in self.linking_to(v) {
                 if hops[u as usize] == u32::MAX {
                     hops[u as usize] = h;
                     queue.push_back(u);
                 }
             }
         }
-        hops
+        if let Some(a) = avoid.filter(|&a| a != target) {
+            hops[a as usize] = u32::MAX;
+        }
     }
 }
 
@@ -246,7 +331,7 @@ impl Reverse {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::{Metric, Params, Query};
+    use crate::{Params, Query};
     use rand::{Rng, SeedableRng};
 
     fn random(n: usize, dim: usize, seed: u64) -> Vec<f32> {
@@ -294,7 +379,7 @@ mod tests {
         let bad = Routing {
             dim: 3,
             table: vec![0.0; 5],
-            proj: None,
+            map: QueryMap::Identity,
         };
         assert!(
             h.search_routed(

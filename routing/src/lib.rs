@@ -2,7 +2,7 @@
 //! parallel build, searches under an `ef` beam or a budget of distance computations, inserts,
 //! deletes with repair, label filters, a file format), readers of the usual vector files with
 //! brute-force ground truth, and the search side of learned routing ("Learning to Route in
-//! Similarity Graphs": routed search and the breadth-first expert; training comes later).
+//! Similarity Graphs": routed search, the breadth-first expert, training with burn).
 //! No networking here: the daemon serves shards of an index to peers.
 
 pub mod data;
@@ -10,6 +10,7 @@ pub mod distance;
 pub mod hnsw;
 pub mod learned;
 pub mod store;
+pub mod train;
 mod visited;
 
 pub use distance::Metric;

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::write_atomically;
 use crate::distance::Metric;
 use crate::hnsw::{Entry, Hnsw, Params};
+use crate::learned::{QueryMap, Routing};
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 12] = b"COLONY-HNSW\0";
@@ -201,6 +202,144 @@ impl Hnsw {
             entry,
         )
         .map_err(|e| e.to_string())
+    }
+}
+
+const ROUTE_MAGIC: &[u8; 12] = b"COLONY-ROUTE";
+const ROUTE_VERSION: u32 = 1;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RouteHeader {
+    dim: usize,
+    slots: usize,
+    /// "identity", "lifted" or "projected" (then a (d − 1) × D matrix follows the table).
+    map: String,
+    /// [`Hnsw::fingerprint`] of the index the table was trained for.
+    index: u32,
+}
+
+impl Hnsw {
+    /// A checksum of the vectors and the bottom layer's links: routing vectors belong to one
+    /// graph, and a table written for another is refused on load.
+    pub fn fingerprint(&self) -> u32 {
+        let mut c = crc32fast::Hasher::new();
+        let mut buf = Vec::with_capacity(1 << 16);
+        for chunk in self.vectors.chunks(1 << 14) {
+            buf.clear();
+            buf.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+            c.update(&buf);
+        }
+        for chunk in self.links0.chunks(1 << 14) {
+            buf.clear();
+            buf.extend(chunk.iter().flat_map(|a| a.load(Relaxed).to_le_bytes()));
+            c.update(&buf);
+        }
+        c.update(&[u8::from(self.metric.normalises())]);
+        c.finalize()
+    }
+}
+
+impl Routing {
+    /// Writes the routing vectors of `index` to `path` (atomically; same layout rules as the
+    /// index: magic, version, JSON header, little-endian f32s, crc32).
+    pub fn save(&self, index: &Hnsw, path: &Path) -> Result<()> {
+        self.check(index)?;
+        let (map, proj) = match &self.map {
+            QueryMap::Identity => ("identity", &[][..]),
+            QueryMap::Lifted => ("lifted", &[][..]),
+            QueryMap::Projected(p) => ("projected", &p[..]),
+        };
+        let header = RouteHeader {
+            dim: self.dim,
+            slots: index.slots(),
+            map: map.into(),
+            index: index.fingerprint(),
+        };
+        let header = serde_json::to_vec(&header).map_err(|e| Error::Invalid(e.to_string()))?;
+        let mut out = Vec::with_capacity(32 + header.len() + (self.table.len() + proj.len()) * 4);
+        out.extend_from_slice(ROUTE_MAGIC);
+        out.extend_from_slice(&ROUTE_VERSION.to_le_bytes());
+        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        out.extend_from_slice(&header);
+        for v in self.table.iter().chain(proj) {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        write_atomically(path, &out)
+    }
+
+    /// Reads routing vectors written by [`Routing::save`] for `index`: a corrupt file, or one
+    /// written for another index, is an error that says so.
+    pub fn load(index: &Hnsw, path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let corrupt = |what: String| Error::Corrupt {
+            path: path.to_path_buf(),
+            what,
+        };
+        let r = Self::from_bytes(&bytes, index).map_err(corrupt)?;
+        r.check(index).map_err(|e| corrupt(e.to_string()))?;
+        Ok(r)
+    }
+
+    fn from_bytes(bytes: &[u8], index: &Hnsw) -> Result<Self, String> {
+        if bytes.len() < ROUTE_MAGIC.len() + 12 || &bytes[..ROUTE_MAGIC.len()] != ROUTE_MAGIC {
+            return Err("not a Colony routing file (no magic)".into());
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32fast::hash(body).to_le_bytes() != crc {
+            return Err("checksum mismatch (truncated or corrupt)".into());
+        }
+        let mut r = Reader {
+            b: body,
+            at: ROUTE_MAGIC.len(),
+        };
+        let version = r.u32s(1)?[0];
+        if version != ROUTE_VERSION {
+            return Err(format!(
+                "version {version}, this build reads {ROUTE_VERSION}"
+            ));
+        }
+        let hlen = r.u32s(1)?[0] as usize;
+        let h: RouteHeader =
+            serde_json::from_slice(r.take(hlen)?).map_err(|e| format!("header: {e}"))?;
+        if h.slots != index.slots() || h.index != index.fingerprint() {
+            return Err(format!(
+                "written for another index ({} slots, fingerprint {:08x}; this one: {} slots, \
+                 {:08x})",
+                h.slots,
+                h.index,
+                index.slots(),
+                index.fingerprint()
+            ));
+        }
+        let mut floats = |n: usize| -> Result<Vec<f32>, String> {
+            Ok(r.u32s(n)?.into_iter().map(f32::from_bits).collect())
+        };
+        let table = floats(h.slots.checked_mul(h.dim).ok_or("sizes overflow")?)?;
+        let map = match h.map.as_str() {
+            "identity" => QueryMap::Identity,
+            "lifted" => QueryMap::Lifted,
+            "projected" if h.dim >= 2 => QueryMap::Projected(floats((h.dim - 1) * index.dim())?),
+            other => return Err(format!("unknown query map {other:?}")),
+        };
+        if r.at != body.len() {
+            return Err(format!(
+                "{} bytes after the last section",
+                body.len() - r.at
+            ));
+        }
+        if table.iter().any(|v| !v.is_finite()) {
+            return Err("a routing vector is not finite".into());
+        }
+        Ok(Self {
+            dim: h.dim,
+            table,
+            map,
+        })
     }
 }
 

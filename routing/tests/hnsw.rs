@@ -267,3 +267,33 @@ fn bad_input_is_a_named_error() {
     assert_eq!(h.vector(1).unwrap(), &[2.0; 4]);
     assert!(Hnsw::new(0, Metric::L2, Params::default()).is_err());
 }
+
+/// Every live vector can be found: with a beam as wide as the index, the bottom layer alone
+/// from the entry returns exactly the brute-force neighbours (a vertex the neighbour
+/// heuristic left without in-links would be missing; the build links it back).
+#[test]
+fn every_vector_is_reachable_and_a_full_beam_is_exact() {
+    for (n, dim, m, seed) in [(800, 12, 8, 21u64), (3000, 4, 4, 22), (1500, 32, 6, 23)] {
+        let base = random(n, dim, seed);
+        let mut h = Hnsw::build(&base, dim, Metric::L2, Params::with_m(m)).unwrap();
+        assert_eq!(h.connect_bottom(), 0, "the build left vertices unreachable");
+        let queries = random(30, dim, seed + 100);
+        for q in queries.chunks_exact(dim) {
+            let want = brute_force(&base, dim, Metric::L2, q, 10);
+            let got: Vec<u32> = h
+                .search(
+                    q,
+                    &Query {
+                        bottom_only: true,
+                        ..Query::top(10, n)
+                    },
+                )
+                .unwrap()
+                .hits
+                .iter()
+                .map(|x| x.key as u32)
+                .collect();
+            assert_eq!(got, want, "n {n} dim {dim} m {m}");
+        }
+    }
+}

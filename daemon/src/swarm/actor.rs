@@ -168,6 +168,13 @@ pub enum Command {
     },
     /// Serve inference jobs with this handler (None: stop serving them).
     SetInferHandler(Option<InferHandler>),
+    /// Hand routing searches to this handler (None: stop serving them).
+    SetRouteHandler(Option<RouteHandler>),
+    /// The answer to a deferred request (a routing search) handed out with this id.
+    Respond {
+        id: u64,
+        response: Response,
+    },
     Subscribe {
         topic: String,
         reply: oneshot::Sender<Result<(), String>>,
@@ -220,6 +227,23 @@ impl std::fmt::Debug for InferHandler {
     }
 }
 
+/// A routing search handed out of the actor: the searching runs on other threads, and the
+/// answer comes back as [`Command::Respond`] with `id`.
+#[derive(Debug)]
+pub struct RouteCall {
+    pub id: u64,
+    pub peer: PeerId,
+    pub request: colony_protocol::route::RouteRequest,
+}
+
+/// Where the actor hands routing searches (a bounded queue: when it is full the request is
+/// refused as overloaded at once, never queued in the actor).
+#[derive(Clone, Debug)]
+pub struct RouteHandler(pub mpsc::Sender<RouteCall>);
+
+/// Deferred answers the actor holds at most.
+const MAX_DEFERRED: usize = 1024;
+
 #[derive(Default)]
 struct PeerState {
     addresses: Vec<Multiaddr>,
@@ -245,6 +269,10 @@ pub struct SwarmActor {
     group_handlers: HashMap<String, GroupHandler>,
     state_handlers: HashMap<String, StateHandler>,
     infer_handler: Option<InferHandler>,
+    route_handler: Option<RouteHandler>,
+    /// Inbound requests answered later ([`Command::Respond`]).
+    deferred: HashMap<u64, request_response::ResponseChannel<Wire<Response>>>,
+    next_deferred: u64,
     pending_parts:
         HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<PartAck, RpcFailure>>>,
     data_dir: DataDir,
@@ -293,6 +321,9 @@ impl SwarmActor {
             group_handlers: HashMap::new(),
             state_handlers: HashMap::new(),
             infer_handler: None,
+            route_handler: None,
+            deferred: HashMap::new(),
+            next_deferred: 0,
             pending_parts: HashMap::new(),
             data_dir,
             services,
@@ -464,6 +495,17 @@ impl SwarmActor {
                 self.state_handlers.remove(&run);
             }
             Command::SetInferHandler(h) => self.infer_handler = h,
+            Command::SetRouteHandler(h) => self.route_handler = h,
+            Command::Respond { id, response } => {
+                if let Some(channel) = self.deferred.remove(&id) {
+                    // Closed streams (the asker gave up) are dropped quietly.
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .rpc
+                        .send_response(channel, Wire::Valid(response));
+                }
+            }
             Command::UnregisterGroupHandler { run } => {
                 self.group_handlers.remove(&run);
             }
@@ -619,6 +661,48 @@ impl SwarmActor {
                     "this node serves no model".into(),
                 ),
             }),
+            // Deferred requests reach here only when they could not be handed out.
+            Request::Route(_) => Response::Route(colony_protocol::route::RouteResponse::Refused(
+                "this node serves no index".into(),
+            )),
+        }
+    }
+
+    /// Hands a routing search to the route handler, keeping `channel` for the answer; gives
+    /// the channel back with the answer to send now when it cannot (no handler, overloaded).
+    fn defer_route(
+        &mut self,
+        peer: PeerId,
+        request: colony_protocol::route::RouteRequest,
+        channel: request_response::ResponseChannel<Wire<Response>>,
+    ) -> Option<(request_response::ResponseChannel<Wire<Response>>, Response)> {
+        let refuse =
+            |why: &str| Response::Route(colony_protocol::route::RouteResponse::Refused(why.into()));
+        let Some(h) = &self.route_handler else {
+            return Some((channel, refuse("this node serves no index")));
+        };
+        // Answers whose searches were lost (the service stopped) would pile up: drop the
+        // stale ones' channels when the map is full rather than grow it.
+        if self.deferred.len() >= MAX_DEFERRED {
+            return Some((
+                channel,
+                Response::error(RpcErrorCode::Overloaded, "too many searches in flight"),
+            ));
+        }
+        let id = self.next_deferred;
+        match h.0.try_send(RouteCall { id, peer, request }) {
+            Ok(()) => {
+                self.next_deferred += 1;
+                self.deferred.insert(id, channel);
+                None
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Some((
+                channel,
+                Response::error(RpcErrorCode::Overloaded, "the search queue is full"),
+            )),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Some((channel, refuse("this node's index service has stopped")))
+            }
         }
     }
 
@@ -775,12 +859,21 @@ impl SwarmActor {
                     },
                 ..
             } => {
-                let response = match request {
-                    Wire::Valid(request) => self.serve(peer, request),
-                    Wire::Invalid(why) => {
-                        self.offence(peer, &format!("sent a bad request: {why}"));
-                        Response::error(RpcErrorCode::BadRequest, why)
-                    }
+                let (channel, response) = match request {
+                    Wire::Valid(Request::Route(r)) => match self.defer_route(peer, r, channel) {
+                        Some(now) => now,
+                        None => return,
+                    },
+                    other => (
+                        channel,
+                        match other {
+                            Wire::Valid(request) => self.serve(peer, request),
+                            Wire::Invalid(why) => {
+                                self.offence(peer, &format!("sent a bad request: {why}"));
+                                Response::error(RpcErrorCode::BadRequest, why)
+                            }
+                        },
+                    ),
                 };
                 if self
                     .swarm

@@ -12,4 +12,5 @@ mod netns_allreduce;
 mod netns_relay;
 mod netns_train;
 mod processes;
+mod route;
 mod train;
