@@ -62,13 +62,13 @@ pub struct TrainArgs {
     /// Vertices re-ranked on the original vectors, as a fraction of the budget.
     #[arg(long, default_value_t = 0.125)]
     pub verify: f64,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     #[arg(long, default_value_t = 4000)]
     pub queries: usize,
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 500)]
     pub steps: usize,
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 3e-4)]
     pub lr: f64,
     /// Stored vectors held out as dev queries (the best round on them is kept).
     #[arg(long, default_value_t = 1000)]
@@ -410,6 +410,28 @@ mod tests {
             json: true,
         };
         query(q(Some("1,2,3,4"))).unwrap();
+        // Learned routing: train, write, query with it.
+        let routing = dir.path().join("v.route");
+        train(TrainArgs {
+            index: out.clone(),
+            out: routing.clone(),
+            dim: 2,
+            budgets: vec![48],
+            verify: 0.125,
+            rounds: 1,
+            queries: 50,
+            steps: 5,
+            lr: 3e-4,
+            dev: 30,
+            seed: 1,
+        })
+        .unwrap();
+        query(QueryArgs {
+            routing: Some(routing.clone()),
+            max_dcs: Some(48),
+            ..q(Some("1,2,3,4"))
+        })
+        .unwrap();
         let e = query(q(Some("1,2,x,4"))).unwrap_err().to_string();
         assert!(e.contains("\"x\""), "{e}");
         let e = query(q(Some("1,2"))).unwrap_err().to_string();

@@ -1,8 +1,8 @@
-//! Learned vs plain routing on the first N GloVe vectors (the rest of a 2,000-vector tail as
-//! held-out queries): for quick iterations on the training of routing vectors.
+//! Learned vs plain routing on N GloVe vectors (a random split of the first N + 2,000 rows,
+//! 2,000 held-out queries): for quick iterations on the training of routing vectors.
 //!
-//! `cargo run --release -p colony-routing --example learn -- N M BUDGETS ROUNDS QUERIES`
-//! e.g. `-- 20000 8 32,64 4 2000`
+//! `cargo run --release -p colony-routing --example learn -- N M BUDGETS ROUNDS QUERIES HIDDEN
+//! LR VERIFY TEMPERATURE DIM`, e.g. `-- 20000 8 128 3 2000 256 0.0003 0.125 1 16`
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -30,22 +30,24 @@ fn main() {
     let temperature: f32 = arg(8, "1").parse().unwrap();
     let rdim: usize = arg(9, "16").parse().unwrap();
     let g = read_vectors(Path::new(".cache/data/glove-6b-50d.npy")).unwrap();
-    let base = g.rows(0..n);
-    let queries = g.rows(n..n + 2000);
+    // A random split of the first n + 2000 rows (as the bench splits).
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    let mut order: Vec<usize> = (0..n + 2000).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(5));
+    let pick = |rows: &[usize]| colony_routing::data::Matrix {
+        n: rows.len(),
+        dim: g.dim,
+        data: rows.iter().flat_map(|&r| g.row(r).to_vec()).collect(),
+    };
+    let base = pick(&order[..n]);
+    let queries = pick(&order[n..]);
     let h = Hnsw::build(&base.data, base.dim, Metric::L2, Params::with_m(m)).unwrap();
-    eprintln!("built");
     let truth: Vec<u32> = queries
         .data
         .chunks_exact(base.dim)
         .map(|q| brute_force(&base.data, base.dim, Metric::L2, q, 1)[0])
         .collect();
-    if std::env::var("EXPERT").is_ok() {
-        for &b in &budgets {
-            let (p, e) = colony_routing::train::expert_recall(&h, b, 1000);
-            println!("budget {b}: plain walk {p:.3}, expert walk {e:.3}");
-        }
-        return;
-    }
     let cfg = TrainConfig {
         budgets: budgets.clone(),
         rounds,

@@ -41,6 +41,19 @@ pub struct RouteBenchArgs {
     /// Distance-computation budgets for recall@1 (bottom layer, fixed entry).
     #[arg(long, value_delimiter = ',', default_value = "128,256,512")]
     pub dcs: Vec<usize>,
+    /// Budgets to train learned routing for (one model each, as the paper trains one per
+    /// budget); empty: no learned routing.
+    #[arg(long, value_delimiter = ',', default_value = "128,256")]
+    pub learn_dcs: Vec<usize>,
+    /// The routing subspace's dimension for each of --learn-dcs.
+    #[arg(long, value_delimiter = ',', default_value = "16,24")]
+    pub learn_dims: Vec<usize>,
+    /// DAgger rounds per model.
+    #[arg(long, default_value_t = 3)]
+    pub learn_rounds: usize,
+    /// Training queries per round.
+    #[arg(long, default_value_t = 4000)]
+    pub learn_queries: usize,
     /// Query thread counts (0: all cores).
     #[arg(long, value_delimiter = ',', default_value = "1,0")]
     pub threads: Vec<usize>,
@@ -68,6 +81,31 @@ pub struct Curve {
     pub threads: usize,
     pub build_s: f64,
     pub curve: Vec<Point>,
+}
+
+/// Learned routing trained for one budget: recall@1 at that budget against plain routing on
+/// the same graph, and a budget sweep of both (recall@1, recall@10, QPS).
+#[derive(Debug, Clone, Serialize)]
+pub struct Learned {
+    pub dcs_budget: usize,
+    pub dim: usize,
+    pub train_s: f64,
+    pub kept_round: usize,
+    pub plain_recall_at_1: f64,
+    /// The untrained start: routing in the principal subspace.
+    pub start_recall_at_1: f64,
+    pub learned_recall_at_1: f64,
+    pub sweep: Vec<RoutedPoint>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RoutedPoint {
+    pub routing: String,
+    pub threads: usize,
+    pub dcs_budget: usize,
+    pub recall_at_1: f64,
+    pub recall_at_10: f64,
+    pub qps: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -235,6 +273,7 @@ pub fn run(a: RouteBenchArgs) -> anyhow::Result<()> {
         );
         dcs_points.push(p);
     }
+    let learned = learned_routing(&a, &index, &queries, &gt, &threads)?;
     let peers = match a.peers.as_str() {
         "off" => Vec::new(),
         py => {
@@ -303,12 +342,136 @@ pub fn run(a: RouteBenchArgs) -> anyhow::Result<()> {
             "index_bytes": index_bytes,
             "plain": curves,
             "plain_dcs": dcs_points,
+            "learned": learned,
             "peers": peers,
             "summary": summary,
         });
         super::write_json(p, "route", &[doc])?;
     }
     Ok(())
+}
+
+/// Trains one routing model per budget of `--learn-dcs` and measures it against plain
+/// routing (bottom layer, fixed entry) on the held-out queries.
+fn learned_routing(
+    a: &RouteBenchArgs,
+    index: &Hnsw,
+    queries: &Matrix<f32>,
+    gt: &Matrix<u32>,
+    threads: &[usize],
+) -> anyhow::Result<Vec<Learned>> {
+    use colony_routing::learned::{Routed, Routing};
+    use colony_routing::train::{TrainConfig, train, verify_for};
+    anyhow::ensure!(
+        a.learn_dcs.len() == a.learn_dims.len(),
+        "--learn-dcs and --learn-dims pair up: give as many of each"
+    );
+    let routed = |r: &Routing, b: usize, k: usize, th: usize| -> (Vec<Found>, f64) {
+        let rq = Routed {
+            k,
+            max_dcs: b,
+            verify: verify_for(b, 0.125).max(k),
+        };
+        let one = |i: usize| {
+            index
+                .search_routed(r, queries.row(i), &rq)
+                .unwrap_or_default()
+        };
+        let t = Instant::now();
+        let found: Vec<Found> = if th == 1 {
+            (0..queries.n).map(one).collect()
+        } else {
+            (0..queries.n).into_par_iter().map(one).collect()
+        };
+        (found, t.elapsed().as_secs_f64())
+    };
+    let plain = |b: usize, th: usize| {
+        let q = Query {
+            max_dcs: Some(b),
+            bottom_only: true,
+            ..Query::top(K, usize::MAX / 4)
+        };
+        run_queries(index, queries, &q, th)
+    };
+    let mut out = Vec::new();
+    for (&b, &dim) in a.learn_dcs.iter().zip(&a.learn_dims) {
+        let cfg = TrainConfig {
+            dim,
+            budgets: vec![b],
+            rounds: a.learn_rounds,
+            queries_per_round: a.learn_queries,
+            dev: 1000.min(index.len() / 10),
+            ..TrainConfig::default()
+        };
+        let t = Instant::now();
+        let trained = train(index, &cfg, |r| {
+            println!(
+                "learned routing for DCS {b} ({dim}-d): round {} dev recall@1 plain {:.3}                  learned {:.3} (loss {:.3}) [{:.0} s]",
+                r.round, r.dev[0].plain, r.dev[0].learned, r.loss, r.secs
+            );
+        })?;
+        let train_s = t.elapsed().as_secs_f64();
+        let all = *threads.last().unwrap_or(&1);
+        let (p, _) = plain(b, all);
+        let (st, _) = routed(&trained.start, b, K, all);
+        let (l, _) = routed(&trained.routing, b, K, all);
+        let entry = Learned {
+            dcs_budget: b,
+            dim,
+            train_s,
+            kept_round: trained.round,
+            plain_recall_at_1: recalls(&p, gt).0,
+            start_recall_at_1: recalls(&st, gt).0,
+            learned_recall_at_1: recalls(&l, gt).0,
+            sweep: {
+                let mut sweep = Vec::new();
+                for &th in threads {
+                    for s in [b / 2, b, 2 * b, 4 * b] {
+                        let (f, secs) = plain(s, th);
+                        let (r1, r10) = recalls(&f, gt);
+                        sweep.push(RoutedPoint {
+                            routing: "plain".into(),
+                            threads: th,
+                            dcs_budget: s,
+                            recall_at_1: r1,
+                            recall_at_10: r10,
+                            qps: queries.n as f64 / secs,
+                        });
+                        if s > verify_for(s, 0.125).max(K) + dim {
+                            let (f, secs) = routed(&trained.routing, s, K, th);
+                            let (r1, r10) = recalls(&f, gt);
+                            sweep.push(RoutedPoint {
+                                routing: "learned".into(),
+                                threads: th,
+                                dcs_budget: s,
+                                recall_at_1: r1,
+                                recall_at_10: r10,
+                                qps: queries.n as f64 / secs,
+                            });
+                        }
+                    }
+                }
+                sweep
+            },
+        };
+        println!(
+            "DCS {b}: recall@1 plain {:.4}, principal subspace ({dim}-d, untrained) {:.4}, \
+             learned (round {}) {:.4}: {:+.1} points over plain; trained in {train_s:.0} s",
+            entry.plain_recall_at_1,
+            entry.start_recall_at_1,
+            entry.kept_round,
+            entry.learned_recall_at_1,
+            100.0 * (entry.learned_recall_at_1 - entry.plain_recall_at_1)
+        );
+        for p in &entry.sweep {
+            println!(
+                "  {:<7} {} thr DCS {:>4}: recall@1 {:.4} recall@10 {:.4} {:>8.0} QPS",
+                p.routing, p.threads, p.dcs_budget, p.recall_at_1, p.recall_at_10, p.qps
+            );
+        }
+        out.push(entry);
+    }
+    Ok(out)
 }
 
 /// hnswlib's and faiss's curves (`scripts/ann_peer_bench.py`) on the split written to
@@ -408,6 +571,10 @@ mod tests {
             ef_construction: 40,
             efs: vec![10, 40],
             dcs: vec![64],
+            learn_dcs: vec![64],
+            learn_dims: vec![4],
+            learn_rounds: 1,
+            learn_queries: 100,
             threads: vec![1, 0],
             peers: "off".into(),
             work: dir.path().join("work"),
@@ -425,5 +592,9 @@ mod tests {
                 .unwrap()
                 > 0.9
         );
+        let learned = &case["learned"][0];
+        assert_eq!(learned["dcs_budget"], 64);
+        assert!(learned["learned_recall_at_1"].as_f64().unwrap() > 0.0);
+        assert!(!learned["sweep"].as_array().unwrap().is_empty());
     }
 }
