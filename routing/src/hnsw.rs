@@ -792,6 +792,16 @@ impl Hnsw {
                 break;
             }
             budget.hops += 1;
+            // The next candidate's links are read after this vertex's neighbours: start their
+            // loads now (hnswlib prefetches them the same way).
+            if let Some(Far(std::cmp::Reverse(next))) = cand.peek() {
+                let l = self.list(next.1, level);
+                let mut i = 0;
+                while i < l.len() {
+                    std::hint::black_box(l[i].load(Relaxed));
+                    i += 16;
+                }
+            }
             // The unvisited neighbours first, their vectors' loads issued together.
             fresh.clear();
             for n in Self::ids(self.list(c.1, level)) {

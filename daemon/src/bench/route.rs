@@ -406,7 +406,8 @@ fn learned_routing(
         let t = Instant::now();
         let trained = train(index, &cfg, |r| {
             println!(
-                "learned routing for DCS {b} ({dim}-d): round {} dev recall@1 plain {:.3}                  learned {:.3} (loss {:.3}) [{:.0} s]",
+                "learned routing for DCS {b} ({dim}-d): round {} dev recall@1 plain {:.3} \
+                 learned {:.3} (loss {:.3}) [{:.0} s]",
                 r.round, r.dev[0].plain, r.dev[0].learned, r.loss, r.secs
             );
         })?;
