@@ -215,6 +215,10 @@ fn demo_runs_end_to_end() {
         v["allreduce"]["max_abs_err"].as_f64().unwrap() < 1e-3,
         "{v}"
     );
+    assert!(
+        v["routing"]["recall_at_10"].as_f64().unwrap() > 0.9,
+        "the sharded index answers: {v}"
+    );
     for row in v["ping_rtt_ms"].as_array().unwrap() {
         assert_eq!(
             row.as_array()
