@@ -587,6 +587,21 @@ impl NodeHandle {
     }
 }
 
+/// The owned entries among `entries` whose value decodes as `T`, with their owners' peer ids
+/// (entries with a plain subkey, a bad key or a malformed value are skipped).
+pub fn owned_values<T: serde::de::DeserializeOwned>(
+    entries: &[DhtEntry],
+) -> impl Iterator<Item = (PeerId, T)> + '_ {
+    entries.iter().filter_map(|e| {
+        let Subkey::Owner(pk) = &e.subkey else {
+            return None;
+        };
+        let peer = peer_id_of(pk).ok()?;
+        let v = colony_protocol::decode(&e.value, colony_protocol::names::MAX_VALUE_BYTES).ok()?;
+        Some((peer, v))
+    })
+}
+
 /// The libp2p peer id of an ed25519 public key.
 pub fn peer_id_of(pk: &NodePublicKey) -> anyhow::Result<PeerId> {
     let ed = libp2p::identity::ed25519::PublicKey::try_from_bytes(&pk.0)

@@ -28,7 +28,6 @@ use anyhow::Context;
 use colony_protocol::allreduce::{
     GroupCommit, GroupDeclaration, GroupRequest, GroupResponse, RoundId, WireAggregation, WireMode,
 };
-use colony_protocol::dht::Subkey;
 use colony_protocol::{DhtKey, Request, Response};
 use colony_trainer::allreduce::balance::PeerMode;
 use colony_trainer::allreduce::compression::Compression;
@@ -41,7 +40,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::allreduce::{DriveConfig, Group, compression_of, scheme_of};
-use crate::handle::{NodeHandle, peer_id_of};
+use crate::handle::NodeHandle;
 use crate::swarm::actor::GroupHandler;
 
 /// How one epoch's matchmaking runs.
@@ -590,15 +589,8 @@ struct Attempt {
 /// The valid declarations among `entries` for `attempt` (same vector length, a deadline
 /// near ours).
 fn declarations(entries: &[colony_protocol::DhtEntry], attempt: Attempt) -> Vec<Declaration> {
-    entries
-        .iter()
-        .filter_map(|e| {
-            let Subkey::Owner(pk) = &e.subkey else {
-                return None;
-            };
-            let peer = peer_id_of(pk).ok()?;
-            let d: GroupDeclaration =
-                colony_protocol::decode(&e.value, colony_protocol::names::MAX_VALUE_BYTES).ok()?;
+    crate::handle::owned_values::<GroupDeclaration>(entries)
+        .filter_map(|(peer, d)| {
             let same = d.len == attempt.len as u64
                 && d.deadline_ms.abs_diff(attempt.deadline_ms) <= attempt.tolerance_ms;
             if !same {

@@ -21,7 +21,7 @@ use anyhow::{Context, bail};
 use colony_protocol::route::{
     MAX_SHARDS, RouteHit, RouteRequest, RouteResponse, RouteSearch, ShardRecord,
 };
-use colony_protocol::{DhtEntry, DhtKey, Response, Subkey};
+use colony_protocol::{DhtEntry, DhtKey, Response};
 use colony_routing::{Hnsw, Query};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
@@ -29,7 +29,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::handle::{NodeHandle, peer_id_of};
+use crate::handle::{NodeHandle, owned_values};
 use crate::swarm::actor::{RouteCall, RouteHandler};
 
 /// One `[[route]]` entry of the node's config.
@@ -278,17 +278,9 @@ pub struct Merged {
 /// The replicas announced for one shard: (peer, record), only records that describe that
 /// shard of that index.
 fn replicas(entries: &[DhtEntry], index: &str, shard: u32) -> Vec<(PeerId, ShardRecord)> {
-    entries
-        .iter()
-        .filter_map(|e| {
-            let Subkey::Owner(pk) = &e.subkey else {
-                return None;
-            };
-            let peer = peer_id_of(pk).ok()?;
-            let r: ShardRecord =
-                colony_protocol::decode(&e.value, colony_protocol::names::MAX_VALUE_BYTES).ok()?;
-            (r.index == index && r.shard == shard && r.shards > 0 && r.shards <= MAX_SHARDS)
-                .then_some((peer, r))
+    owned_values::<ShardRecord>(entries)
+        .filter(|(_, r)| {
+            r.index == index && r.shard == shard && r.shards > 0 && r.shards <= MAX_SHARDS
         })
         .collect()
 }
@@ -457,10 +449,7 @@ async fn ask_shard(
             }
             Ok(Response::Route(RouteResponse::Refused(r))) => why.push(format!("{peer}: {r}")),
             Ok(Response::Error(e)) => why.push(format!("{peer}: {}", e.message)),
-            Ok(other) => why.push(format!(
-                "{peer}: unexpected answer {}",
-                response_kind(&other)
-            )),
+            Ok(other) => why.push(format!("{peer}: unexpected answer {}", other.kind())),
             Err(e) => why.push(format!("{peer}: {e:#}")),
         }
         warn!(shard = s.shard, index = %s.index, "a replica failed, trying the next: {}", why.last().map_or("", String::as_str));
@@ -471,21 +460,6 @@ async fn ask_shard(
         s.index,
         why.join("; ")
     )
-}
-
-fn response_kind(r: &Response) -> &'static str {
-    match r {
-        Response::Pong { .. } => "pong",
-        Response::NodeInfo(_) => "node_info",
-        Response::DhtStored { .. } => "dht_stored",
-        Response::DhtFound { .. } => "dht_found",
-        Response::Probe { .. } => "probe",
-        Response::Group(_) => "group",
-        Response::State(_) => "state",
-        Response::Error(_) => "error",
-        Response::Infer(_) => "infer",
-        Response::Route(_) => "route",
-    }
 }
 
 /// Splits rows `0..n` into `shards` contiguous ranges and gives shard `i`'s (rows are global

@@ -22,7 +22,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use colony_protocol::dht::Subkey;
 use colony_protocol::names::MAX_VALUE_BYTES;
 use colony_protocol::train::{MAX_STATE_CHUNK, StateRequest, StateResponse, TrainProgress};
 use colony_protocol::{DhtKey, Request, Response};
@@ -35,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::allreduce::{DriveConfig, run_round_measured};
 use crate::bandwidth::{self, Direction, Monitor};
 use crate::clock::now_ms;
-use crate::handle::{NodeHandle, peer_id_of};
+use crate::handle::NodeHandle;
 use crate::matchmaking::{MatchConfig, Matchmaker, Offer};
 use crate::swarm::actor::StateHandler;
 
@@ -851,14 +850,8 @@ pub async fn read_progress(
             return Vec::new();
         }
     };
-    got.entries
-        .iter()
-        .filter_map(|e| {
-            let Subkey::Owner(pk) = &e.subkey else {
-                return None;
-            };
-            let peer = peer_id_of(pk).ok()?;
-            let p: TrainProgress = colony_protocol::decode(&e.value, MAX_VALUE_BYTES).ok()?;
+    crate::handle::owned_values::<TrainProgress>(&got.entries)
+        .filter_map(|(peer, p)| {
             (p.fingerprint == *fingerprint
                 && p.samples_per_sec.is_finite()
                 && p.samples_per_sec >= 0.0)

@@ -137,6 +137,22 @@ impl Response {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CodecError> {
         decode(bytes, MAX_RPC_BYTES)
     }
+    /// A short name for logs and error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Response::Pong { .. } => "pong",
+            Response::NodeInfo(_) => "node_info",
+            Response::DhtStored { .. } => "dht_stored",
+            Response::DhtFound { .. } => "dht_found",
+            Response::Probe { .. } => "probe",
+            Response::Group(_) => "group",
+            Response::State(_) => "state",
+            Response::Error(_) => "error",
+            Response::Infer(_) => "infer",
+            Response::Route(_) => "route",
+        }
+    }
+
     pub fn error(code: RpcErrorCode, message: impl Into<String>) -> Self {
         Response::Error(RpcError {
             code,

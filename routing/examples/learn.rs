@@ -2,7 +2,7 @@
 //! 2,000 held-out queries): for quick iterations on the training of routing vectors.
 //!
 //! `cargo run --release -p colony-routing --example learn -- N M BUDGETS ROUNDS QUERIES HIDDEN
-//! LR VERIFY TEMPERATURE DIM`, e.g. `-- 20000 8 128 3 2000 256 0.0003 0.125 1 16`
+//! LR VERIFY TEMPERATURE DIM FFN`, e.g. `-- 20000 8 128 3 2000 256 0.0003 0.125 1 16 0`
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -29,6 +29,7 @@ fn main() {
     let verify: f64 = arg(7, "0.125").parse().unwrap();
     let temperature: f32 = arg(8, "1").parse().unwrap();
     let rdim: usize = arg(9, "16").parse().unwrap();
+    let ffn = arg(10, "0") == "1";
     let g = read_vectors(Path::new(".cache/data/glove-6b-50d.npy")).unwrap();
     // A random split of the first n + 2000 rows (as the bench splits).
     use rand::SeedableRng;
@@ -57,6 +58,7 @@ fn main() {
         verify,
         temperature,
         dim: rdim,
+        ffn,
         dev: 500,
         ..TrainConfig::default()
     };

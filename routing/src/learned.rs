@@ -1,5 +1,5 @@
-//! Learned routing (Baranchuk et al., 2019), the search side and the expert; the training of
-//! the routing vectors comes on top of these (ARCHITECTURE.md, "Learned routing").
+//! Learned routing (Baranchuk et al., 2019), the search side and the expert; `train` learns
+//! the routing vectors on top of these (ARCHITECTURE.md, "Learned routing").
 //!
 //! A [`Routing`] gives every slot a routing vector `f(v)` and maps a query to `g(q)`; a routed
 //! search walks the bottom layer from the fixed entry by the routing distance `−⟨f(v), g(q)⟩`

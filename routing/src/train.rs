@@ -1,10 +1,12 @@
 //! Training routing vectors (Baranchuk et al., 2019) with burn on the CPU: imitation of a
 //! breadth-first expert in DAgger rounds (ARCHITECTURE.md, "Learned routing").
 //!
-//! The model: `f(v) = lift(x_v) + σ · FFN([x_v/σ, mean(x_u : u → v's out-neighbours)/σ])`,
-//! `g(q) = (q, 1)`, where `lift(x) = (x, −|x|²/2)` under L2 (`(x, 0)` otherwise) and σ is the
-//! mean vector norm. The FFN's last layer starts at zero, so training starts from routing that
-//! orders vertices exactly as the plain search does and can only move from there by the loss.
+//! The model: `f(v) = lift(P x_v)` and `g(q) = (P q, 1)`, where `lift(y) = (y, −|y|²/2)` under
+//! L2 (`(y, 0)` otherwise), so `−⟨f(v), g(q)⟩` orders vertices by L2 in the subspace of P; P
+//! starts at the principal components (or is the identity with `dim: 0`). Optionally
+//! (`ffn: true`) a per-vertex network over `[x_v/σ, mean of out-neighbours/σ, graph
+//! statistics]` adds `σ · FFN(…)` to `f(v)` (σ: the mean vector norm); its last layer starts at
+//! zero, so training starts from the untrained subspace either way.
 //!
 //! A round: (1) recompute every vertex's routing vector; (2) walk the bottom layer for a batch
 //! of training queries with the current vectors, Gumbel noise on the heap order (the learner's
@@ -141,7 +143,7 @@ struct Net<B: Backend> {
 
 impl<B: Backend> Net<B> {
     fn new(
-        inputs: &Inputs,
+        inputs: &Inputs<'_>,
         pca: Option<Vec<f32>>,
         hidden: Option<usize>,
         device: &B::Device,
@@ -222,20 +224,20 @@ impl<B: Backend> Net<B> {
 const STATS: usize = 6;
 
 /// The fixed inputs of the model for every slot.
-struct Inputs {
+struct Inputs<'a> {
     /// `[x/σ, mean of out-neighbours/σ, statistics]`, `slots × (2D + STATS)`: the statistics
     /// are ln(1 + in-degree), out-degree / m0, the mean and the longest link length / σ, the
     /// distance to the entry / σ, and the hops from the entry / 10.
     feat: Vec<f32>,
     /// The stored vectors, `slots × D`.
-    x: Vec<f32>,
+    x: &'a [f32],
     sigma: f32,
     dim: usize,
     l2: bool,
 }
 
-impl Inputs {
-    fn of(h: &Hnsw) -> Self {
+impl<'a> Inputs<'a> {
+    fn of(h: &'a Hnsw) -> Self {
         let (n, dim) = (h.slots(), h.dim());
         let live: Vec<u32> = (0..n as u32).filter(|&s| !h.deleted[s as usize]).collect();
         let sigma = (live
@@ -278,7 +280,7 @@ impl Inputs {
         });
         Self {
             feat,
-            x: h.vectors.clone(),
+            x: &h.vectors,
             sigma,
             dim,
             l2: h.metric() == Metric::L2,
@@ -837,7 +839,7 @@ pub fn train(
 /// positive.
 fn step_loss(
     net: &Net<Train>,
-    inputs: &Inputs,
+    inputs: &Inputs<'_>,
     batch: &[&Event],
     device: &burn::tensor::Device<Train>,
 ) -> (Tensor<Train, 1>, f64) {
@@ -959,7 +961,7 @@ mod tests {
 
     /// The expert's labels are right: a walk that follows them finds the true neighbour
     /// almost always, at a budget where the plain walk often does not (here 1.00 vs 0.58 at 96
-    /// distance computations; on GloVe 20K, 0.96 vs 0.30 at 64).
+    /// distance computations).
     #[test]
     fn following_the_expert_finds_the_neighbour() {
         use rand::Rng;
