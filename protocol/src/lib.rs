@@ -13,6 +13,7 @@
 //! - [`allreduce`]: all-reduce parts and results.
 //! - [`infer`]: inference jobs (start, poll for tokens, cancel).
 //! - [`route`]: nearest-neighbour shards (announcements, searches).
+//! - [`patch`]: patch jobs (requests, patches, votes) and the version hash chain.
 //! - [`envelope`]: signed envelopes for payloads that must be attributable to a node.
 
 pub mod allreduce;
@@ -22,6 +23,7 @@ pub mod envelope;
 pub mod identity;
 pub mod infer;
 pub mod names;
+pub mod patch;
 pub mod route;
 pub mod rpc;
 pub mod train;

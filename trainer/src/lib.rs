@@ -8,6 +8,7 @@ pub mod allreduce;
 pub mod backend;
 pub mod collab;
 pub mod data;
+pub mod edit;
 pub mod models;
 pub mod optim;
 pub mod params;
