@@ -66,6 +66,16 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::route_cli::RouteCommand,
     },
+    /// Editable models: train a digits classifier to be easy to patch.
+    Edit {
+        #[command(subcommand)]
+        command: crate::edit_cli::EditCommand,
+    },
+    /// Patch jobs: ask the swarm to fix a model's answer, see the patch chain, roll back.
+    Patch {
+        #[command(subcommand)]
+        command: crate::edit_cli::PatchCommand,
+    },
     /// Start a small local swarm and show what it does.
     Demo(crate::demo::DemoArgs),
     /// Benchmark suites.
@@ -88,6 +98,8 @@ pub enum BenchSuite {
     /// Nearest-neighbour search: recall/QPS curves of the HNSW index on GloVe vs hnswlib and
     /// faiss, recall@1 under distance budgets.
     Route(crate::bench::route::RouteBenchArgs),
+    /// Editable training on digits: baseline vs editable, 1000 edits, drawdown, patch size.
+    Edit(crate::bench::edit::EditBenchArgs),
     /// One peer of `bench allreduce` (driven over stdin/stdout by the benchmark).
     #[command(hide = true)]
     AllreducePeer(crate::bench::allreduce::PeerArgs),
@@ -313,7 +325,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("the route command panicked: {e}"))?
         }
+        Command::Edit { command } => {
+            tokio::task::spawn_blocking(move || crate::edit_cli::run_edit(command))
+                .await
+                .map_err(|e| anyhow::anyhow!("the edit command panicked: {e}"))?
+        }
+        Command::Patch { command } => crate::edit_cli::run_patch(command).await,
         Command::Demo(args) => crate::demo::run(args).await,
+        Command::Bench {
+            suite: BenchSuite::Edit(args),
+        } => tokio::task::spawn_blocking(move || crate::bench::edit::run(args))
+            .await
+            .map_err(|e| anyhow::anyhow!("the benchmark panicked: {e}"))?,
         Command::Bench {
             suite: BenchSuite::Dht(args),
         } => crate::bench::dht::run(args).await,

@@ -44,6 +44,8 @@ pub struct NodeConfig {
     pub infer: Option<InferConfig>,
     /// Serve these shards of nearest-neighbour indexes (`[[route]]` tables).
     pub route: Vec<crate::route_service::ShardConfig>,
+    /// Compute, verify and adopt patches of an editable model (`[patch]`).
+    pub patch: Option<crate::patch_service::PatchConfig>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -120,6 +122,7 @@ impl Default for NodeConfig {
             limits: LimitsConfig::default(),
             infer: None,
             route: Vec::new(),
+            patch: None,
         }
     }
 }

@@ -23,6 +23,7 @@ pub async fn serve(
     handle: NodeHandle,
     infer: Option<crate::infer_service::InferService>,
     route: Option<crate::route_service::RouteService>,
+    patch: Option<crate::patch_service::PatchService>,
     cancel: CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<SocketAddr> {
@@ -32,7 +33,8 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     let app = router(handle.clone())
         .merge(crate::openai::router(infer))
-        .merge(route_router(handle, route));
+        .merge(route_router(handle.clone(), route))
+        .merge(patch_router(handle, patch));
     tasks.spawn(async move {
         let shutdown = async move { cancel.cancelled().await };
         if let Err(e) = axum::serve(listener, app)
@@ -216,4 +218,67 @@ async fn route_query(
 
 async fn route_shards(State((_, local)): State<RouteState>) -> impl IntoResponse {
     Json(local.map(|s| s.records()).unwrap_or_default())
+}
+
+/// `/api/patch/*`: submit a patch request, list the chain and proposals, show one, roll back.
+pub fn patch_router(
+    handle: NodeHandle,
+    patch: Option<crate::patch_service::PatchService>,
+) -> Router {
+    Router::new()
+        .route("/api/patch/submit", post(patch_submit))
+        .route("/api/patch/list", get(patch_list))
+        .route("/api/patch/show/{id}", get(patch_show))
+        .route("/api/patch/rollback/{id}", post(patch_rollback))
+        .with_state((handle, patch))
+}
+
+type PatchState = (NodeHandle, Option<crate::patch_service::PatchService>);
+
+fn no_patch_service() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "this node serves no editable model (no [patch] in its config)".into(),
+    )
+}
+
+async fn patch_submit(
+    State((h, svc)): State<PatchState>,
+    body: Result<
+        Json<crate::patch_service::SubmitRequest>,
+        axum::extract::rejection::JsonRejection,
+    >,
+) -> Result<impl IntoResponse, ApiError> {
+    let svc = svc.ok_or_else(no_patch_service)?;
+    let Json(req) = body.map_err(|e| bad_request(e.body_text()))?;
+    let id = svc
+        .submit(&h, req)
+        .await
+        .map_err(|e| bad_request(format!("{e:#}")))?;
+    Ok(Json(serde_json::json!({ "request": id })))
+}
+
+async fn patch_list(State((_, svc)): State<PatchState>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(svc.ok_or_else(no_patch_service)?.list()))
+}
+
+async fn patch_show(
+    State((_, svc)): State<PatchState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    svc.ok_or_else(no_patch_service)?
+        .show(&id)
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no patch {id} known here")))
+}
+
+async fn patch_rollback(
+    State((_, svc)): State<PatchState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let (version, len) = svc
+        .ok_or_else(no_patch_service)?
+        .rollback(&id)
+        .map_err(|e| bad_request(format!("{e:#}")))?;
+    Ok(Json(serde_json::json!({ "version": version, "len": len })))
 }

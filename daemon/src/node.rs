@@ -31,6 +31,8 @@ pub struct Node {
     pub infer: Option<crate::infer_service::InferService>,
     /// The index shards the node serves, when it serves any.
     pub route: Option<crate::route_service::RouteService>,
+    /// The patch service, when the node holds an editable model.
+    pub patch: Option<crate::patch_service::PatchService>,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -61,6 +63,9 @@ impl Node {
         }
         if !config.route.is_empty() && !config.services.iter().any(|s| s == "route") {
             config.services.push("route".into());
+        }
+        if config.patch.is_some() && !config.services.iter().any(|s| s == "patch") {
+            config.services.push("patch".into());
         }
         let data = DataDir::new(&config.data_dir);
         std::fs::create_dir_all(data.root())
@@ -154,6 +159,20 @@ impl Node {
             svc.start(&handle, &cancel, &mut tasks).await?;
             Some(svc)
         };
+        let patch = match &config.patch {
+            Some(pc) => {
+                let (pc, dir) = (pc.clone(), data.root().join("patches"));
+                let svc = tokio::task::spawn_blocking(move || {
+                    crate::patch_service::PatchService::load(&pc, &dir)
+                })
+                .await
+                .context("the patch service loader panicked")?
+                .context("cannot serve patch jobs")?;
+                svc.start(&handle, &cancel, &mut tasks).await?;
+                Some(svc)
+            }
+            None => None,
+        };
         let http_addr = match config.http {
             Some(addr) => Some(
                 http::serve(
@@ -161,6 +180,7 @@ impl Node {
                     handle.clone(),
                     infer.clone(),
                     route.clone(),
+                    patch.clone(),
                     cancel.clone(),
                     &mut tasks,
                 )
@@ -186,6 +206,7 @@ impl Node {
             http_addr,
             infer,
             route,
+            patch,
             cancel,
             tasks,
         })

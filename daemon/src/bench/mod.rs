@@ -3,6 +3,7 @@
 
 pub mod allreduce;
 pub mod dht;
+pub mod edit;
 pub mod infer;
 pub mod infer_gpu;
 pub mod route;

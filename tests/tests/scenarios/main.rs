@@ -11,6 +11,7 @@ mod misbehaviour;
 mod netns_allreduce;
 mod netns_relay;
 mod netns_train;
+mod patch;
 mod processes;
 mod route;
 mod train;
