@@ -40,7 +40,158 @@ struct Summary {
     allreduce: AllReduceSummary,
     training: TrainingSummary,
     routing: RoutingSummary,
+    patching: Option<PatchingSummary>,
     http: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct PatchingSummary {
+    model: String,
+    /// Requests submitted and adopted by every node.
+    requests: usize,
+    adopted_everywhere: usize,
+    /// Every node ended on the same version.
+    same_version: bool,
+    version: String,
+    mean_adoption_ms: f64,
+    /// A patch that wrecks the control set was refused.
+    bad_patch_refused: bool,
+    control_error_before: f32,
+    control_error_after: f32,
+}
+
+/// Patch jobs: an editable digits classifier (trained here, seconds) on every node; node 0
+/// asks for three fixes, the nodes solve, verify, vote and adopt them; then node 1 gossips a
+/// patch that wrecks the control set and the others refuse it. Skipped when the digits are not
+/// fetched.
+async fn demo_patching(swarm: &LocalSwarm) -> anyhow::Result<Option<PatchingSummary>> {
+    use crate::patch_service::{PatchConfig, PatchService, SubmitRequest};
+    use colony_trainer::edit::model::model_file;
+    use colony_trainer::edit::train::{Digits, Mode, TrainConfig, train};
+    let path = crate::swav_job::default_digits();
+    let Ok(set) = colony_trainer::data::images::ImageSet::digits(&path) else {
+        return Ok(None);
+    };
+    let dir = tempfile_dir()?;
+    let model_path = dir.path().join("digits.edit");
+    let (mp, set2) = (model_path.clone(), set.clone());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let d = Digits::from_set(&set2).map_err(|e| anyhow::anyhow!(e))?;
+        let (tr, _) = d.split(crate::edit_cli::SPLIT_SEED, crate::edit_cli::TEST_FRACTION);
+        let mut cfg = TrainConfig::new(colony_trainer::edit::net::Arch::Mlp, Mode::Editable);
+        cfg.epochs = 15;
+        let (net, _) = train::<colony_trainer::backend::CpuTrain>(&cfg, &tr, &Default::default());
+        model_file(&net, "editable", &cfg.editor, &set2, 7, 0.2)
+            .map_err(|e| anyhow::anyhow!(e))?
+            .save(&mp)?;
+        Ok(())
+    })
+    .await??;
+    let n = swarm.nodes.len();
+    let cfg = PatchConfig {
+        quorum: (n - 1).clamp(1, 3),
+        rebroadcast_ms: 500,
+        ..PatchConfig::new(model_path)
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut services = Vec::new();
+    for (i, node) in swarm.nodes.iter().enumerate() {
+        let svc = PatchService::load(&cfg, &dir.path().join(format!("node{i}")))?;
+        svc.start(&node.handle, &cancel, &mut tasks).await?;
+        services.push(svc);
+    }
+    let digits = Digits::from_set(&set).map_err(|e| anyhow::anyhow!(e))?;
+    let (_, control) = digits.split(crate::edit_cli::SPLIT_SEED, crate::edit_cli::TEST_FRACTION);
+    let before = services[0].list().control_error;
+    let (mut adopted, mut total_ms) = (0, 0.0);
+    for (k, i) in [3usize, 50, 120].into_iter().enumerate() {
+        let target = (control.labels[i] as u32 + 1 + k as u32) % 10;
+        let t = Instant::now();
+        services[0]
+            .submit(
+                &swarm.nodes[0].handle,
+                SubmitRequest {
+                    sample: None,
+                    control_index: Some(i),
+                    target,
+                },
+            )
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let lists: Vec<_> = services.iter().map(|s| s.list()).collect();
+            if lists
+                .iter()
+                .all(|l| l.len as usize > adopted && l.version == lists[0].version)
+            {
+                adopted += 1;
+                total_ms += t.elapsed().as_secs_f64() * 1e3;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Node 1 turns bad: a validly signed patch whose delta lifts one class for every input.
+    use colony_protocol::patch::{Delta, MAX_PATCH_BYTES, PATCH_DOMAIN, Patch, PatchGossip};
+    let l = services[0].list();
+    let bad_target = (control.labels[7] as u32 + 1) % 10;
+    let h = &swarm.nodes[1.min(n - 1)].handle;
+    let bad = Patch {
+        model: l.model.clone(),
+        parent: hex::decode(&l.version)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("version"))?,
+        parent_len: l.len,
+        request: [9; 32],
+        sample: control.image(7).to_vec(),
+        target: bad_target,
+        delta: Delta::Rank1 {
+            rows: vec![],
+            h: vec![0.0; 128],
+            bias: vec![(bad_target, 1000.0)],
+        },
+        editor: colony_trainer::edit::EditorConfig::default().spec(),
+        steps: 1,
+        author: h.signer().public(),
+        created_ms: crate::clock::now_ms(),
+    };
+    let bad_id = hex::encode(bad.id()?);
+    let env = colony_protocol::SignedEnvelope::seal(
+        h.signer(),
+        PATCH_DOMAIN,
+        crate::clock::now_ms(),
+        rand::random(),
+        colony_protocol::encode(&bad, MAX_PATCH_BYTES)?,
+    );
+    let _ = h
+        .publish(
+            &colony_protocol::names::patches_topic(&cfg.run),
+            PatchGossip::Patch(env).to_bytes()?,
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut refused = false;
+    while Instant::now() < deadline && !refused {
+        refused = services[0]
+            .show(&bad_id)
+            .is_some_and(|p| p.status.starts_with("rejected"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lists: Vec<_> = services.iter().map(|s| s.list()).collect();
+    cancel.cancel();
+    tasks.shutdown().await;
+    Ok(Some(PatchingSummary {
+        model: lists[0].model[..16].to_owned(),
+        requests: 3,
+        adopted_everywhere: adopted,
+        same_version: lists.iter().all(|l| l.version == lists[0].version),
+        version: lists[0].version[..16].to_owned(),
+        mean_adoption_ms: total_ms / adopted.max(1) as f64,
+        bad_patch_refused: refused,
+        control_error_before: before,
+        control_error_after: lists[0].control_error,
+    }))
 }
 
 #[derive(Debug, Serialize)]
@@ -576,6 +727,30 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
 
+    step(
+        args.json,
+        "patch jobs: an editable digits classifier on every node; node 0 asks for three fixes, \
+         the nodes solve, verify, vote and adopt them; a patch that wrecks the model is refused",
+    );
+    let patching = demo_patching(&swarm).await?;
+    if !args.json {
+        match &patching {
+            Some(p) => println!(
+                "    {} of {} fixes adopted by every node ({:.0} ms each, quorum of verifiers); \
+                 same version everywhere: {} ({}); control error {:.2}% -> {:.2}%; bad patch refused: {}",
+                p.adopted_everywhere,
+                p.requests,
+                p.mean_adoption_ms,
+                p.same_version,
+                p.version,
+                p.control_error_before * 100.0,
+                p.control_error_after * 100.0,
+                p.bad_patch_refused
+            ),
+            None => println!("    skipped: the digits are not fetched (scripts/fetch-data.sh)"),
+        }
+    }
+
     let summary = Summary {
         nodes: args.nodes,
         peer_ids: swarm
@@ -591,6 +766,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         allreduce,
         training,
         routing,
+        patching,
         http: http_addr.map(|h| format!("http://{h}")),
     };
     if args.json {

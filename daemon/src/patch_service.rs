@@ -52,6 +52,9 @@ pub struct PatchConfig {
     /// Largest control-error increase a patch may cause.
     #[serde(default = "default_max_drawdown")]
     pub max_drawdown: f32,
+    /// Largest control-error increase over the base model the whole chain may reach.
+    #[serde(default = "default_max_total_drawdown")]
+    pub max_total_drawdown: f32,
     /// Whether this node computes patches for requests (it always verifies).
     #[serde(default = "yes")]
     pub solve: bool,
@@ -69,6 +72,9 @@ fn default_quorum() -> usize {
 fn default_max_drawdown() -> f32 {
     Limits::default().max_drawdown
 }
+fn default_max_total_drawdown() -> f32 {
+    Limits::default().max_total_drawdown
+}
 fn yes() -> bool {
     true
 }
@@ -84,6 +90,7 @@ impl PatchConfig {
             run: default_run(),
             quorum: default_quorum(),
             max_drawdown: default_max_drawdown(),
+            max_total_drawdown: default_max_total_drawdown(),
             solve: true,
             rebroadcast_ms: default_rebroadcast_ms(),
         }
@@ -210,6 +217,7 @@ impl PatchService {
         let model = EditModel::load(&cfg.model, &set)?;
         let limits = Limits {
             max_drawdown: cfg.max_drawdown,
+            max_total_drawdown: cfg.max_total_drawdown,
             ..Limits::default()
         };
         std::fs::create_dir_all(data_dir)?;
@@ -743,7 +751,7 @@ impl PatchService {
             version: hex::encode(s.chain.version),
             len: s.chain.len,
             control_error: m.error(&s.chain.head),
-            base_error: m.error(&m.base),
+            base_error: m.base_error,
             chain: s
                 .chain
                 .steps

@@ -142,6 +142,17 @@ fn checks_accept_a_real_patch_and_name_what_is_wrong_with_bad_ones() {
     };
     let v = check_patch(&model, &model.base, &greedy, &limits);
     assert!(!v.accept && v.reason.contains("drawdown"), "{}", v.reason);
+    // The chain as a whole may not drift too far from the base.
+    let strict = Limits {
+        max_total_drawdown: -0.01,
+        ..limits
+    };
+    let v = check_patch(&model, &model.base, &p, &strict);
+    assert!(
+        !v.accept && v.reason.contains("over the base"),
+        "{}",
+        v.reason
+    );
     // A delta that does nothing: the edit does not hold.
     let mut idle = p.clone();
     idle.delta = Delta::Rank1 {
@@ -270,4 +281,78 @@ fn the_chain_is_a_function_of_the_set_of_patches() {
             .iter()
             .any(|s| s.fate == StepFate::Superseded)
     );
+}
+
+/// The editor on the ALBERT MLM head: make a masked position predict the token the model ranks
+/// third; the line search needs at most two steps (two tokens rank above it), and the edited
+/// model's own forward pass then predicts it.
+#[test]
+fn the_editor_fixes_an_albert_mlm_prediction() {
+    use colony_trainer::data::mlm::MlmBatch;
+    use colony_trainer::edit::head::target_margin;
+    use colony_trainer::models::albert::AlbertConfig;
+    let device = Default::default();
+    let model = AlbertConfig::tiny(300).init::<Cpu>(&device);
+    let tokens: Vec<i64> = vec![2, 17, 45, 4, 99, 120, 7, 3];
+    let batch = MlmBatch {
+        batch: 1,
+        seq: 8,
+        tokens: tokens.clone(),
+        token_types: vec![0; 8],
+        attention: vec![1.0; 8],
+        masked_positions: vec![3],
+        masked_targets: vec![0],
+        masked_weights: vec![1.0],
+        sop_labels: vec![0],
+    };
+    let h: Vec<f32> = model
+        .mlm_features(&batch, &device)
+        .into_data()
+        .iter::<f32>()
+        .collect();
+    let head = model.mlm_head();
+    assert_eq!((head.out, head.inp), (300, h.len()));
+    let z = head.logits(&h);
+    let mut ranked: Vec<usize> = (0..z.len()).collect();
+    ranked.sort_by(|&a, &b| z[b].total_cmp(&z[a]));
+    let target = *ranked[2..]
+        .iter()
+        .find(|t| !tokens.contains(&(**t as i64)))
+        .unwrap();
+    let above = ranked.iter().position(|&t| t == target).unwrap();
+    let out = colony_trainer::edit::edit(&head, &h, target, &EditorConfig::default());
+    assert!(out.success, "margin {}", out.margin);
+    assert!(
+        out.steps as usize <= above,
+        "{} steps for {above} tokens above",
+        out.steps
+    );
+    let Delta::Rank1 { rows, .. } = &out.delta else {
+        panic!("not rank one")
+    };
+    assert!(rows.len() <= above + 1);
+    let edited = head.apply(&out.delta).unwrap();
+    assert!(target_margin(&edited.logits(&h), target).0 > 0.0);
+    // Through burn: the edited model's decoder at that position now answers the target (the
+    // touched embedding rows are not in the input, so the features are unchanged).
+    let model = model.with_mlm_head(&edited);
+    let h2 = model.mlm_features(&batch, &device);
+    let logits: Vec<f32> = h2
+        .matmul(burn_weights(&edited, &device))
+        .into_data()
+        .iter::<f32>()
+        .collect();
+    let z2: Vec<f32> = logits.iter().zip(&edited.b).map(|(a, b)| a + b).collect();
+    assert_eq!(colony_trainer::edit::head::argmax(&z2), target);
+}
+
+fn burn_weights(
+    head: &colony_trainer::edit::Head,
+    device: &burn::tensor::Device<Cpu>,
+) -> burn::tensor::Tensor<Cpu, 2> {
+    burn::tensor::Tensor::<Cpu, 2>::from_data(
+        burn::tensor::TensorData::new(head.w.clone(), [head.out, head.inp]),
+        device,
+    )
+    .transpose()
 }

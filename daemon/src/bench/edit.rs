@@ -126,6 +126,7 @@ pub fn run(a: EditBenchArgs) -> anyhow::Result<()> {
                     &patch,
                     &Limits {
                         max_drawdown: 1.0,
+                        max_total_drawdown: 1.0,
                         ..Limits::default()
                     },
                 );

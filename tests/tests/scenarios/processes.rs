@@ -219,6 +219,9 @@ fn demo_runs_end_to_end() {
         v["routing"]["recall_at_10"].as_f64().unwrap() > 0.9,
         "the sharded index answers: {v}"
     );
+    assert_eq!(v["patching"]["adopted_everywhere"], 3, "patch jobs: {v}");
+    assert_eq!(v["patching"]["same_version"], true, "{v}");
+    assert_eq!(v["patching"]["bad_patch_refused"], true, "{v}");
     for row in v["ping_rtt_ms"].as_array().unwrap() {
         assert_eq!(
             row.as_array()

@@ -154,6 +154,8 @@ pub struct EditModel {
     pub editor: EditorConfig,
     pub control: Vec<f32>,
     pub control_labels: Vec<usize>,
+    /// The base head's control error.
+    pub base_error: f32,
 }
 
 impl EditModel {
@@ -180,9 +182,12 @@ impl EditModel {
         let (_, test) = digits.split(file.split_seed, file.test_fraction);
         let control = features_of::<Cpu>(&net, &test.pixels, &device);
         let editor = file.editor().ok_or_else(|| bad("unknown editor".into()))?;
+        let base = net.plain_head();
+        let base_error = base.error(&control, &test.labels);
         Ok(Self {
             id,
-            base: net.plain_head(),
+            base,
+            base_error,
             file,
             net,
             editor,
@@ -239,6 +244,9 @@ pub fn check_request(sample: &[f32], target: usize) -> Result<(), String> {
 pub struct Limits {
     /// Largest control-error increase one patch may cause.
     pub max_drawdown: f32,
+    /// Largest control-error increase over the base model the chain may reach (one edit at a
+    /// time stays local, but a hundred accumulate: see BENCHMARKS "edit").
+    pub max_total_drawdown: f32,
     /// Smallest margin the target must win by after the patch.
     pub min_margin: f32,
     /// Most editor steps.
@@ -251,6 +259,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_drawdown: 0.10,
+            max_total_drawdown: 0.25,
             min_margin: 0.05,
             max_steps: 10,
             max_bytes: 64 * 1024,
@@ -315,7 +324,8 @@ pub fn check_patch(model: &EditModel, head: &Head, patch: &Patch, limits: &Limit
     };
     let h = model.features(&patch.sample);
     let (margin, _) = target_margin(&edited.logits(&h), patch.target as usize);
-    let drawdown = model.error(&edited) - model.error(head);
+    let after = model.error(&edited);
+    let drawdown = after - model.error(head);
     let (accept, reason) = if margin < limits.min_margin {
         (
             false,
@@ -331,6 +341,16 @@ pub fn check_patch(model: &EditModel, head: &Head, patch: &Patch, limits: &Limit
                 "drawdown {:.2}% on the control set (at most {:.2}%)",
                 drawdown * 100.0,
                 limits.max_drawdown * 100.0
+            ),
+        )
+    } else if after - model.base_error > limits.max_total_drawdown {
+        (
+            false,
+            format!(
+                "the chain's control error would reach {:.2}%, {:.2} points over the base (at most {:.2})",
+                after * 100.0,
+                (after - model.base_error) * 100.0,
+                limits.max_total_drawdown * 100.0
             ),
         )
     } else {

@@ -242,6 +242,47 @@ impl<B: Backend> Albert<B> {
         x
     }
 
+    /// What the MLM decoder reads at the batch's masked positions, `[masked, embed]`: the
+    /// editable head's input features (`crate::edit`).
+    pub fn mlm_features(&self, batch: &MlmBatch, device: &B::Device) -> Tensor<B, 2> {
+        let (b, s) = (batch.batch, batch.seq);
+        let x = self.encode(batch, device);
+        let h = x.dims()[2];
+        let m = batch.masked_positions.len();
+        let picked = x
+            .reshape([b * s, h])
+            .select(0, ints::<B, 1>(&batch.masked_positions, [m], device));
+        self.mlm_norm.forward(gelu(self.mlm_dense.forward(picked)))
+    }
+
+    /// The MLM decoder as an editable head: `W` is the (tied) word-embedding matrix
+    /// `[vocab, embed]`, `b` the MLM bias. An edit of it also moves the input embeddings of the
+    /// few tokens whose rows it touches (the target and the runner-ups), since they are tied.
+    pub fn mlm_head(&self) -> crate::edit::Head {
+        let w = self.word.weight.val();
+        let [vocab, embed] = w.dims();
+        crate::edit::Head::new(
+            vocab,
+            embed,
+            w.into_data().iter::<f32>().collect(),
+            self.mlm_bias.val().into_data().iter::<f32>().collect(),
+        )
+    }
+
+    /// The model with its MLM decoder (and so the tied word embeddings) replaced by `head`.
+    pub fn with_mlm_head(mut self, head: &crate::edit::Head) -> Self {
+        let device = self.word.weight.device();
+        self.word.weight = burn::module::Param::from_tensor(Tensor::from_data(
+            TensorData::new(head.w.clone(), [head.out, head.inp]),
+            &device,
+        ));
+        self.mlm_bias = burn::module::Param::from_tensor(Tensor::from_data(
+            TensorData::new(head.b.clone(), [head.out]),
+            &device,
+        ));
+        self
+    }
+
     /// Losses of a pretraining batch (see [`AlbertOutput::loss`]).
     pub fn forward_loss(&self, batch: &MlmBatch, device: &B::Device) -> AlbertOutput<B> {
         let (b, s) = (batch.batch, batch.seq);
