@@ -356,6 +356,7 @@ async fn demo_training(swarm: &LocalSwarm) -> anyhow::Result<TrainingSummary> {
         seed: 7,
         backend: Default::default(),
         gpu: 0,
+        editable: None,
         tokenized: Default::default(),
     };
     let n = swarm.nodes.len() as u64;

@@ -57,6 +57,9 @@ pub struct AlbertJob {
     pub backend: Backend,
     /// CUDA device index (with `Backend::Cuda`).
     pub gpu: usize,
+    /// Editable Training: an edit per micro-batch on the MLM head, with this weight for the
+    /// edit and locality terms.
+    pub editable: Option<f32>,
     /// The corpus tokenized once, shared by every trainer set up from this job (and its
     /// clones); filled on first use.
     pub tokenized: Arc<OnceLock<Arc<TokenizedCorpus>>>,
@@ -145,9 +148,10 @@ impl TrainJob for AlbertJob {
             run_seed: self.seed,
             peer: peer.to_vec(),
         };
-        let (mb, seq) = (self.micro_batch, self.seq);
-        Ok(Arc::new(move |epoch, index| {
-            sampler.batch(&tc, epoch, index, mb, seq)
+        let (mb, seq, editable) = (self.micro_batch, self.seq, self.editable);
+        Ok(Arc::new(move |epoch, index| match editable {
+            Some(c) => sampler.editable_batch(&tc, epoch, index, mb, seq, c),
+            None => sampler.batch(&tc, epoch, index, mb, seq),
         }))
     }
 
@@ -251,6 +255,11 @@ pub struct TrainArgs {
     /// Run seed (initial parameters and data order).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// ALBERT: Editable Training with this weight on the edit and locality terms (one edit of
+    /// the MLM head per micro-batch, a random masked position and a random wrong token). Peers
+    /// of a run should agree on it.
+    #[arg(long)]
+    pub editable: Option<f32>,
     /// Do not accept inbound connections (no shard, no state serving).
     #[arg(long)]
     pub client: bool,
@@ -309,6 +318,7 @@ pub async fn run(mut args: TrainArgs) -> anyhow::Result<()> {
             seed: args.seed,
             backend: args.backend,
             gpu: args.gpu,
+            editable: args.editable,
             tokenized: Default::default(),
         };
         run_job(&args, node_cfg, &run_dir, job).await

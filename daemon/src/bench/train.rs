@@ -178,6 +178,7 @@ pub async fn run(mut a: TrainBenchArgs) -> anyhow::Result<()> {
             seed: 1,
             backend: a.backend,
             gpu: 0,
+            editable: None,
             tokenized: Default::default(),
         };
         bench_job(&a, dir.as_path(), job, cli).await

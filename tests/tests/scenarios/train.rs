@@ -37,6 +37,7 @@ fn job(dir: &Path) -> AlbertJob {
         seed: 5,
         backend: Default::default(),
         gpu: 0,
+        editable: None,
         tokenized: Default::default(),
     }
 }

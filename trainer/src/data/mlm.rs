@@ -138,6 +138,19 @@ pub struct MlmBatch {
     /// of each example's mean over its masked tokens.
     pub masked_weights: Vec<f32>,
     pub sop_labels: Vec<i64>,
+    /// Editable Training: an edit to make at one masked position, whose terms join the loss.
+    pub edit: Option<MlmEdit>,
+}
+
+/// An edit request attached to a batch: masked position `masked` (an index into
+/// `masked_positions`) should predict `target`; the edit's loss and the locality term over the
+/// batch's masked positions join the loss with weights `c_edit` and `c_loc`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlmEdit {
+    pub masked: usize,
+    pub target: u32,
+    pub c_edit: f32,
+    pub c_loc: f32,
 }
 
 impl MlmBatch {
@@ -159,6 +172,7 @@ impl MlmBatch {
             masked_targets: Vec::new(),
             masked_weights: Vec::new(),
             sop_labels: Vec::with_capacity(b),
+            edit: None,
         };
         for (r, e) in examples.iter().enumerate() {
             let n = e.tokens.len().min(seq);
@@ -216,6 +230,34 @@ impl Sampler {
             })
             .collect();
         MlmBatch::collate(&examples, c.specials.pad, seq)
+    }
+
+    /// [`Sampler::batch`] with an edit request for Editable Training: a random masked position
+    /// and a random token other than its true one (deterministic like the batch).
+    pub fn editable_batch(
+        &self,
+        c: &TokenizedCorpus,
+        epoch: u64,
+        index: u64,
+        size: usize,
+        seq: usize,
+        coef: f32,
+    ) -> MlmBatch {
+        let mut b = self.batch(c, epoch, index, size, seq);
+        let mut rng = self.rng(epoch, index ^ 0xed17_ed17_ed17_ed17);
+        if !b.masked_positions.is_empty() {
+            let masked = rng.gen_range(0..b.masked_positions.len());
+            let vocab = c.vocab.max(2) as u32;
+            let truth = b.masked_targets[masked] as u32;
+            let target = (truth + rng.gen_range(1..vocab)) % vocab;
+            b.edit = Some(MlmEdit {
+                masked,
+                target,
+                c_edit: coef,
+                c_loc: coef,
+            });
+        }
+        b
     }
 }
 

@@ -171,7 +171,7 @@ pub fn train<B: AutodiffBackend>(
                 let i = rng.gen_range(0..data.len());
                 let t = (data.labels[i] + rng.gen_range(1..CLASSES)) % CLASSES;
                 let (edit_loss, loc) =
-                    editable_terms(&net, data.image(i), t, h, logits, &cfg.editor, device);
+                    editable_terms(&net, data.image(i), t, h, &cfg.editor, device);
                 se += scalar(&edit_loss);
                 sl += scalar(&loc);
                 loss = loss + edit_loss * cfg.c_edit + loc * cfg.c_loc;
@@ -202,40 +202,62 @@ fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, y: Tensor<B, 1, Int>) -> Tens
     -log_softmax(logits, 1).gather(1, y.reshape([n, 1])).mean()
 }
 
-fn one_hot_diff<B: Backend>(j: usize, t: usize, device: &B::Device) -> Tensor<B, 2> {
-    let mut v = vec![0.0f32; CLASSES];
-    v[j] += 1.0;
-    v[t] -= 1.0;
-    Tensor::from_data(TensorData::new(v, [1, CLASSES]), device)
-}
-
 /// The edit loss after editing on (`x`, `t`), and the locality loss on the batch (features
-/// `h`, unedited logits `logits`), both differentiable through the edit.
+/// `h`), both differentiable through the edit.
 fn editable_terms<B: AutodiffBackend>(
     net: &EditNet<B>,
     x: &[f32],
     t: usize,
     h: Tensor<B, 2>,
-    logits: Tensor<B, 2>,
     ed: &EditorConfig,
     device: &B::Device,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let he = net.features(images::<B>(x, device)); // [1, H]
-    let plain = net.valid().plain_head();
-    let he_plain: Vec<f32> = he.clone().into_data().iter::<f32>().collect();
-    let outcome = edit(&plain, &he_plain, t, ed);
-    let w = net.head.weight.val(); // [H, out]
     let b = match &net.head.bias {
         Some(b) => b.val(),
         None => Tensor::zeros([CLASSES], device),
     };
-    let mut dw = Tensor::<B, 2>::zeros(w.dims(), device);
-    let mut db = Tensor::<B, 1>::zeros([CLASSES], device);
+    head_edit_terms(he, h, net.head.weight.val(), b, t, ed, device)
+}
+
+/// Editable Training's two extra terms for a linear head `z = h·w + b` (burn layout: `w` is
+/// `[in, out]`): the edit loss after editing features `he` (`[1, in]`) to class `t`, and
+/// `KL(p ‖ p_edited)` on the batch features `hb` (`[n, in]`), the unedited side detached.
+///
+/// The editor runs first on detached values (plain f32) to find each step's runner-up; the
+/// same steps are then replayed as tensor operations, so the edited head is a differentiable
+/// function of `he`, `w` and `b` and the meta-gradient through the edit is exact.
+pub fn head_edit_terms<B: Backend>(
+    he: Tensor<B, 2>,
+    hb: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    b: Tensor<B, 1>,
+    t: usize,
+    ed: &EditorConfig,
+    device: &B::Device,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let [inp, out] = w.dims();
+    let plain = super::head::Head::new(
+        out,
+        inp,
+        w.clone().transpose().into_data().iter::<f32>().collect(),
+        b.clone().into_data().iter::<f32>().collect(),
+    );
+    let he_plain: Vec<f32> = he.clone().into_data().iter::<f32>().collect();
+    let outcome = edit(&plain, &he_plain, t, ed);
+    let one_hot_diff = |j: usize| -> Tensor<B, 2> {
+        let mut v = vec![0.0f32; out];
+        v[j] += 1.0;
+        v[t] -= 1.0;
+        Tensor::from_data(TensorData::new(v, [1, out]), device)
+    };
+    let mut dw = Tensor::<B, 2>::zeros([inp, out], device);
+    let mut db = Tensor::<B, 1>::zeros([out], device);
     let (mut mw, mut mb) = (dw.clone(), db.clone());
     for (k, &j) in outcome.runner_ups.iter().enumerate() {
-        let delta = one_hot_diff::<B>(j, t, device);
+        let delta = one_hot_diff(j);
         let gw = he.clone().transpose().matmul(delta.clone());
-        let gb = delta.clone().reshape([CLASSES]);
+        let gb = delta.clone().reshape([out]);
         match ed.kind {
             EditorKind::Sgd => {
                 dw = dw - gw * ed.lr;
@@ -277,6 +299,7 @@ fn editable_terms<B: AutodiffBackend>(
             }
         }
     }
+    let logits = hb.clone().matmul(w.clone()) + b.clone().unsqueeze_dim(0);
     let w2 = w + dw;
     let b2 = b + db;
     // Edit loss at the end: relu(margin + z_j − z_t) with j the final runner-up.
@@ -285,12 +308,10 @@ fn editable_terms<B: AutodiffBackend>(
         let z: Vec<f32> = ze.clone().into_data().iter::<f32>().collect();
         super::head::target_margin(&z, t)
     };
-    let gap = ze
-        .matmul(one_hot_diff::<B>(j, t, device).transpose())
-        .reshape([1]);
+    let gap = ze.matmul(one_hot_diff(j).transpose()).reshape([1]);
     let edit_loss = relu(gap + ed.margin);
     // Locality: KL(unedited ‖ edited) on the batch, the unedited side detached.
-    let edited = h.matmul(w2) + b2.unsqueeze_dim(0);
+    let edited = hb.matmul(w2) + b2.unsqueeze_dim(0);
     let lp = log_softmax(logits.detach(), 1);
     let loc = (lp.clone().exp() * (lp - log_softmax(edited, 1)))
         .sum_dim(1)

@@ -174,6 +174,9 @@ pub struct AlbertOutput<B: Backend> {
     pub loss: Tensor<B, 1>,
     pub mlm_loss: Tensor<B, 1>,
     pub sop_loss: Tensor<B, 1>,
+    /// Editable Training's `c_edit·L_edit + c_loc·L_loc` when the batch carries an edit
+    /// (already in `loss`).
+    pub edit_loss: Option<Tensor<B, 1>>,
     /// Masked tokens predicted right, and how many there were.
     pub mlm_correct: Tensor<B, 1, Int>,
 }
@@ -292,11 +295,28 @@ impl<B: Backend> Albert<B> {
         let m = batch.masked_positions.len();
 
         // MLM on the masked positions only, decoder tied to the word embeddings.
+        let mut edit_terms = None;
         let (mlm_loss, mlm_correct) = if m == 0 {
             (Tensor::zeros([1], device), Tensor::zeros([1], device))
         } else {
             let picked = flat.select(0, ints::<B, 1>(&batch.masked_positions, [m], device));
             let t = self.mlm_norm.forward(gelu(self.mlm_dense.forward(picked)));
+            // Editable Training: edit the tied decoder at one masked position, exactly
+            // differentiable through the edit (`crate::edit::train::head_edit_terms`).
+            if let Some(e) = batch.edit.as_ref().filter(|e| e.masked < m) {
+                let e_dim = t.dims()[1];
+                let he = t.clone().slice([e.masked..e.masked + 1, 0..e_dim]);
+                let (edit, loc) = crate::edit::train::head_edit_terms(
+                    he,
+                    t.clone(),
+                    self.word.weight.val().transpose(),
+                    self.mlm_bias.val(),
+                    e.target as usize,
+                    &crate::edit::EditorConfig::default(),
+                    device,
+                );
+                edit_terms = Some(edit * e.c_edit + loc * e.c_loc);
+            }
             let logits = t.matmul(self.word.weight.val().transpose())
                 + self.mlm_bias.val().unsqueeze_dim::<2>(0);
             let targets = ints::<B, 2>(&batch.masked_targets, [m, 1], device);
@@ -317,8 +337,13 @@ impl<B: Backend> Albert<B> {
             .sum()
             .neg()
             .div_scalar(b as f32);
+        let mut loss = mlm_loss.clone() + sop_loss.clone();
+        if let Some(e) = &edit_terms {
+            loss = loss + e.clone();
+        }
         AlbertOutput {
-            loss: mlm_loss.clone() + sop_loss.clone(),
+            loss,
+            edit_loss: edit_terms,
             mlm_loss,
             sop_loss,
             mlm_correct,
