@@ -406,3 +406,30 @@ fn albert_editable_training_adds_differentiable_edit_terms() {
     assert!(nonzero > 1000, "{nonzero} non-zero gradient entries");
     let _ = model.num_params();
 }
+
+/// The deeper editable block (the body's last layer with the head, first-order Editable
+/// Training, Polyak-step editor): success within k steps, lower drawdown than baseline.
+#[test]
+fn first_order_block_editing_lowers_drawdown_against_baseline() {
+    use colony_trainer::edit::block::evaluate_block;
+    let (tr, te) = Digits::from_set(&digits()).unwrap().split(7, 0.2);
+    let editor = EditorConfig::default();
+    let mut dd = Vec::new();
+    for mode in [Mode::Baseline, Mode::Editable] {
+        let mut cfg = TrainConfig::new(Arch::Mlp, mode);
+        cfg.epochs = 20;
+        cfg.block = true;
+        let (net, _) = train::<CpuTrain>(&cfg, &tr, &Default::default());
+        let s = evaluate_block::<CpuTrain>(&net, &te.pixels, &te.labels, &editor, 100, 3);
+        eprintln!("{}: {s:?}", mode.name());
+        assert_eq!(s.success_rate, 1.0, "{}", mode.name());
+        assert!(s.mean_steps <= editor.max_steps as f32);
+        dd.push(s.drawdown);
+    }
+    assert!(
+        dd[1] < 0.75 * dd[0],
+        "editable {} vs baseline {}",
+        dd[1],
+        dd[0]
+    );
+}

@@ -35,6 +35,10 @@ pub struct EditBenchArgs {
     pub editor: String,
     #[arg(long)]
     pub editor_lr: Option<f32>,
+    /// Also edit the body's last layer with the head (first-order Editable Training, Polyak
+    /// editor; no patches: those carry head edits only).
+    #[arg(long)]
+    pub block: bool,
     /// Patches verified for `verify_ms`.
     #[arg(long, default_value_t = 200)]
     pub verify: usize,
@@ -176,6 +180,60 @@ pub fn run(a: EditBenchArgs) -> anyhow::Result<()> {
             b.model,
             e.drawdown / b.drawdown
         );
+    }
+    if a.block {
+        println!("\nEditable block = the body's last linear layer + the head (first-order):\n");
+        println!("| model | training | edits | base error | success | mean steps | drawdown |");
+        println!("|---|---|---|---|---|---|---|");
+        for name in a.arch.split(',') {
+            let arch = Arch::named(name.trim())
+                .ok_or_else(|| anyhow!("--arch {name}: want mlp or cnn"))?;
+            let mut dd = Vec::new();
+            for mode in [Mode::Baseline, Mode::Editable] {
+                let mut cfg = TrainConfig::new(arch, mode);
+                cfg.epochs = a.epochs;
+                cfg.editor = editor;
+                cfg.block = true;
+                let t0 = Instant::now();
+                let (net, _) = train::<CpuTrain>(&cfg, &tr, &device);
+                let train_s = t0.elapsed().as_secs_f32();
+                let s = colony_trainer::edit::block::evaluate_block::<CpuTrain>(
+                    &net, &te.pixels, &te.labels, &editor, a.edits, 3,
+                );
+                println!(
+                    "| {} (block) | {} | {} | {:.2}% | {:.1}% | {:.2} | {:.2}% |",
+                    arch.name(),
+                    mode.name(),
+                    s.edits,
+                    s.base_error * 100.0,
+                    s.success_rate * 100.0,
+                    s.mean_steps,
+                    s.drawdown * 100.0
+                );
+                dd.push(s.drawdown);
+                cases.push(EditCase {
+                    model: format!("{}-block", arch.name()),
+                    training: mode.name().into(),
+                    editor: "polyak-first-order".into(),
+                    edits: s.edits,
+                    base_error: s.base_error,
+                    success_rate: s.success_rate,
+                    mean_steps: s.mean_steps,
+                    drawdown: s.drawdown,
+                    sequential_drawdown_100: f32::NAN,
+                    sequential_success_rate: f32::NAN,
+                    patch_bytes: 0,
+                    patch_bytes_max: 0,
+                    verify_ms: f64::NAN,
+                    train_s,
+                });
+            }
+            println!(
+                "  {} (block): editable drawdown / baseline drawdown = {:.2}",
+                arch.name(),
+                dd[1] / dd[0]
+            );
+        }
     }
     if let Some(p) = &a.json {
         super::write_json(p, "edit", &cases)?;

@@ -6,6 +6,7 @@
 //! in closed form, an SGD or momentum edit is exactly rank one (`ΔW = u hᵀ`), and a verifier
 //! needs only the sample's features and the control set's features (the body never changes).
 
+pub mod block;
 pub mod chain;
 pub mod editor;
 pub mod eval;

@@ -43,7 +43,7 @@ impl Arch {
 pub struct EditNet<B: Backend> {
     conv1: Option<Conv2d<B>>,
     conv2: Option<Conv2d<B>>,
-    body: Linear<B>,
+    pub body: Linear<B>,
     pub head: Linear<B>,
 }
 
@@ -84,15 +84,20 @@ impl<B: Backend> EditNet<B> {
 
     /// Features `[n, HIDDEN]` of images `[n, 64]` (pixels on the 0–1 scale).
     pub fn features(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let x = match (&self.conv1, &self.conv2) {
+        relu(self.body.forward(self.pre_features(x)))
+    }
+
+    /// The input of the body's last linear layer: the images themselves for the MLP, the
+    /// flattened convolution output for the CNN.
+    pub fn pre_features(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match (&self.conv1, &self.conv2) {
             (Some(c1), Some(c2)) => {
                 let n = x.dims()[0];
                 let y = relu(c1.forward(x.reshape([n, 1, 8, 8])));
                 relu(c2.forward(y)).reshape([n, 32 * 4 * 4])
             }
             _ => x,
-        };
-        relu(self.body.forward(x))
+        }
     }
 
     /// Logits `[n, CLASSES]`.

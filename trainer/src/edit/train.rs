@@ -116,6 +116,9 @@ pub struct TrainConfig {
     pub c_edit: f32,
     pub c_loc: f32,
     pub editor: EditorConfig,
+    /// Edit the body's last layer with the head ([`super::block`], first-order meta-gradient)
+    /// instead of the head alone (exact).
+    pub block: bool,
 }
 
 impl TrainConfig {
@@ -130,6 +133,7 @@ impl TrainConfig {
             c_edit: 1.0,
             c_loc: 1.0,
             editor: EditorConfig::default(),
+            block: false,
         }
     }
 }
@@ -170,8 +174,13 @@ pub fn train<B: AutodiffBackend>(
             if cfg.mode == Mode::Editable {
                 let i = rng.gen_range(0..data.len());
                 let t = (data.labels[i] + rng.gen_range(1..CLASSES)) % CLASSES;
-                let (edit_loss, loc) =
-                    editable_terms(&net, data.image(i), t, h, &cfg.editor, device);
+                let (edit_loss, loc) = if cfg.block {
+                    let pre_e = net.pre_features(images::<B>(data.image(i), device));
+                    let pre_b = net.pre_features(images::<B>(&px, device));
+                    super::block::block_edit_terms(&net, pre_e, pre_b, t, &cfg.editor)
+                } else {
+                    editable_terms(&net, data.image(i), t, h, &cfg.editor, device)
+                };
                 se += scalar(&edit_loss);
                 sl += scalar(&loc);
                 loss = loss + edit_loss * cfg.c_edit + loc * cfg.c_loc;
