@@ -61,7 +61,7 @@ struct PatchingSummary {
 }
 
 /// Patch jobs: an editable digits classifier (trained here, seconds) on every node; node 0
-/// asks for three fixes, the nodes solve, verify, vote and adopt them; then node 1 gossips a
+/// asks for three fixes (three control images the model gets wrong, to their true labels), the nodes solve, verify, vote and adopt them; then node 1 gossips a
 /// patch that wrecks the control set and the others refuse it. Skipped when the digits are not
 /// fetched.
 async fn demo_patching(swarm: &LocalSwarm) -> anyhow::Result<Option<PatchingSummary>> {
@@ -105,8 +105,9 @@ async fn demo_patching(swarm: &LocalSwarm) -> anyhow::Result<Option<PatchingSumm
     let (_, control) = digits.split(crate::edit_cli::SPLIT_SEED, crate::edit_cli::TEST_FRACTION);
     let before = services[0].list().control_error;
     let (mut adopted, mut total_ms) = (0, 0.0);
-    for (k, i) in [3usize, 50, 120].into_iter().enumerate() {
-        let target = (control.labels[i] as u32 + 1 + k as u32) % 10;
+    // Fix three of the model's mistakes on the control set (their true labels as targets).
+    let mistakes = services[0].control_mistakes();
+    for (i, target) in mistakes.into_iter().take(3) {
         let t = Instant::now();
         services[0]
             .submit(

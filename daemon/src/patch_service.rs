@@ -396,6 +396,20 @@ impl PatchService {
         Ok(hex::encode(id))
     }
 
+    /// The control images the current version gets wrong, with their true labels: the fixes a
+    /// user would ask for.
+    pub fn control_mistakes(&self) -> Vec<(usize, u32)> {
+        let m = &self.inner.model;
+        let head = self.state().chain.head.clone();
+        head.predict_all(&m.control)
+            .into_iter()
+            .zip(&m.control_labels)
+            .enumerate()
+            .filter(|(_, (p, y))| p != *y)
+            .map(|(i, (_, y))| (i, *y as u32))
+            .collect()
+    }
+
     /// The pixels of image `i` of the control set.
     fn control_image(&self, i: usize) -> anyhow::Result<Vec<f32>> {
         let data = self
@@ -471,20 +485,28 @@ impl PatchService {
         if answered {
             return Ok(());
         }
-        let (head, parent, parent_len) = {
+        let (head, parent, parent_len, edits) = {
             let s = self.state();
-            (s.chain.head.clone(), s.chain.version, s.chain.len)
+            (
+                s.chain.head.clone(),
+                s.chain.version,
+                s.chain.len,
+                s.chain.edits.clone(),
+            )
         };
         let svc = self.clone();
         let author = handle.signer().public();
         let made = tokio::task::spawn_blocking(move || -> anyhow::Result<Patch> {
             let m = &svc.inner.model;
-            let out = m
-                .solve(&head, &req.sample, req.target as usize)
-                .map_err(|e| anyhow!(e))?;
-            if !out.success {
-                bail!("the editor did not fix the sample in {} steps", out.steps);
-            }
+            let (delta, steps) = colony_trainer::edit::chain::solve_on_chain(
+                m,
+                &head,
+                &edits,
+                &req.sample,
+                req.target as usize,
+                &svc.inner.limits,
+            )
+            .map_err(|e| anyhow!(e))?;
             let patch = Patch {
                 model: m.id.clone(),
                 parent,
@@ -492,15 +514,18 @@ impl PatchService {
                 request: id,
                 sample: req.sample,
                 target: req.target,
-                delta: out.delta,
+                delta,
                 editor: m.editor.spec(),
-                steps: out.steps,
+                steps,
                 author,
                 created_ms: now_ms(),
             };
             let v = check_patch(m, &head, &patch, &svc.inner.limits);
             if !v.accept {
                 bail!("own check failed: {}", v.reason);
+            }
+            if let Some(k) = v.head.as_ref().and_then(|h| broken_edit(h, &edits)) {
+                bail!("own check failed: it undoes edit {} of the chain", k + 1);
             }
             Ok(patch)
         })

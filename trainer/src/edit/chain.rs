@@ -155,38 +155,14 @@ fn rebase(
     if v.accept && broken_edit(v.head.as_ref().unwrap_or(head), earlier).is_none() {
         return v.head.map(|h| (h, StepFate::Applied)).ok_or(v.reason);
     }
-    let Some(mut next) = v.head.filter(|_| {
+    let Some(next) = v.head.filter(|_| {
         v.accept || (v.margin < limits.min_margin && v.drawdown <= limits.max_drawdown)
     }) else {
         return Err(v.reason);
     };
     let mut all = earlier.to_vec();
     all.push((model.features(&p.sample), p.target as usize));
-    let mut steps = 0;
-    for _round in 0..3 {
-        let mut fixed = true;
-        for (h, t) in &all {
-            let (m, _) = super::head::target_margin(&next.logits(h), *t);
-            if m < limits.min_margin {
-                fixed = false;
-                let out = super::edit(&next, h, *t, &model.editor);
-                steps += out.steps;
-                next = next.apply(&out.delta).map_err(|e| e.to_string())?;
-            }
-        }
-        if fixed {
-            break;
-        }
-    }
-    if let Some(k) = all
-        .iter()
-        .position(|(h, t)| super::head::target_margin(&next.logits(h), *t).0 < limits.min_margin)
-    {
-        return Err(format!(
-            "rebase: edit {} of the chain does not hold after re-editing",
-            k + 1
-        ));
-    }
+    let (next, steps) = repair(model, next, &all, limits).map_err(|e| format!("rebase: {e}"))?;
     let drawdown = model.error(&next) - model.error(head);
     if drawdown > limits.max_drawdown {
         return Err(format!(
@@ -195,4 +171,79 @@ fn rebase(
         ));
     }
     Ok((next, StepFate::Rebased { steps }))
+}
+
+/// Re-runs the editor on every edit of `all` that `head` no longer answers with the margin, in
+/// order, for up to three rounds; the repaired head and the steps taken, or which edit still
+/// fails.
+pub fn repair(
+    model: &EditModel,
+    mut head: Head,
+    all: &[(Vec<f32>, usize)],
+    limits: &Limits,
+) -> Result<(Head, u32), String> {
+    let mut steps = 0;
+    for _round in 0..3 {
+        let mut fixed = true;
+        for (h, t) in all {
+            let (m, _) = super::head::target_margin(&head.logits(h), *t);
+            if m < limits.min_margin {
+                fixed = false;
+                let out = super::edit(&head, h, *t, &model.editor);
+                steps += out.steps;
+                head = head.apply(&out.delta).map_err(|e| e.to_string())?;
+            }
+        }
+        if fixed {
+            break;
+        }
+    }
+    if let Some(k) = all
+        .iter()
+        .position(|(h, t)| super::head::target_margin(&head.logits(h), *t).0 < limits.min_margin)
+    {
+        return Err(format!(
+            "edit {} of the chain does not hold after re-editing",
+            k + 1
+        ));
+    }
+    Ok((head, steps))
+}
+
+/// What a solver publishes for `sample → target` on a version with head `head` and edits
+/// `earlier`: the editor's rank-one delta when it leaves every earlier edit holding; otherwise
+/// the earlier edits broken by it are re-edited jointly (see [`repair`]) and the delta is the
+/// whole change to the head (dense). Returns the delta and the editor steps taken.
+pub fn solve_on_chain(
+    model: &EditModel,
+    head: &Head,
+    earlier: &[(Vec<f32>, usize)],
+    sample: &[f32],
+    target: usize,
+    limits: &Limits,
+) -> Result<(colony_protocol::patch::Delta, u32), String> {
+    let out = model.solve(head, sample, target)?;
+    if !out.success {
+        return Err(format!(
+            "the editor did not fix the sample in {} steps",
+            out.steps
+        ));
+    }
+    let next = head.apply(&out.delta).map_err(|e| e.to_string())?;
+    if broken_edit(&next, earlier).is_none() {
+        return Ok((out.delta, out.steps));
+    }
+    let mut all = earlier.to_vec();
+    all.push((model.features(sample), target));
+    let (fixed, extra) = repair(model, next, &all, limits)?;
+    let steps = out.steps + extra;
+    if steps > limits.max_steps {
+        return Err(format!(
+            "keeping the earlier fixes needs {steps} editor steps (at most {})",
+            limits.max_steps
+        ));
+    }
+    let w = fixed.w.iter().zip(&head.w).map(|(a, b)| a - b).collect();
+    let b = fixed.b.iter().zip(&head.b).map(|(a, b)| a - b).collect();
+    Ok((colony_protocol::patch::Delta::Dense { w, b }, steps))
 }
