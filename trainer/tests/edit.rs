@@ -264,6 +264,20 @@ fn the_chain_is_a_function_of_the_set_of_patches() {
         1
     );
     assert_eq!(back.len, 2);
+    // Rolling back a patch rolls back its request: a second answer to it is not applied.
+    let mut dup1 = p1.clone();
+    dup1.author = b.public();
+    let idup1 = dup1.id().unwrap();
+    let both = set(&[(&i1, &p1), (&idup1, &dup1), (&i2, &p2)]);
+    let rb = fold(&model, &both, &HashSet::from([i1]), &limits);
+    assert_eq!(rb.len, 1, "{:?}", rb.steps);
+    assert_eq!(
+        rb.steps
+            .iter()
+            .filter(|s| s.fate == StepFate::RolledBack)
+            .count(),
+        2
+    );
     // A second answer to the same request is superseded.
     let mut dup = p2.clone();
     dup.author = a.public();

@@ -86,10 +86,16 @@ pub fn fold(
     let mut versions = HashMap::from([(base, 0u64)]);
     let mut heads = HashMap::from([(base, head.clone())]);
     let mut answered = HashSet::new();
+    // Rolling a patch back rolls its request back: other answers to it are not applied.
+    let revoked: HashSet<Hash32> = accepted
+        .iter()
+        .filter(|(id, _)| rolled_back.contains(*id))
+        .map(|(_, p)| p.request)
+        .collect();
     let mut steps = Vec::new();
     let mut edits: Vec<(Vec<f32>, usize)> = Vec::new();
     for (id, p) in order {
-        let fate = if rolled_back.contains(id) {
+        let fate = if rolled_back.contains(id) || revoked.contains(&p.request) {
             StepFate::RolledBack
         } else if answered.contains(&p.request) {
             StepFate::Superseded
