@@ -32,6 +32,12 @@ pub async fn serve(
         .with_context(|| format!("cannot bind the HTTP API to {addr}"))?;
     let bound = listener.local_addr()?;
     let app = router(handle.clone())
+        .merge(metrics_router(
+            handle.clone(),
+            infer.clone(),
+            route.clone(),
+            patch.clone(),
+        ))
         .merge(crate::openai::router(infer))
         .merge(route_router(handle.clone(), route))
         .merge(patch_router(handle, patch));
@@ -50,6 +56,7 @@ pub async fn serve(
 pub fn router(handle: NodeHandle) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/api/openapi.json", get(openapi))
         .route("/api/status", get(status))
         .route("/api/peers", get(peers))
         .route("/api/dht/{*key}", get(dht_get).put(dht_put))
@@ -281,4 +288,91 @@ async fn patch_rollback(
         .rollback(&id)
         .map_err(|e| bad_request(format!("{e:#}")))?;
     Ok(Json(serde_json::json!({ "version": version, "len": len })))
+}
+
+type MetricsState = (
+    NodeHandle,
+    Option<crate::infer_service::InferService>,
+    Option<crate::route_service::RouteService>,
+    Option<crate::patch_service::PatchService>,
+);
+
+/// `GET /metrics`: Prometheus text exposition (see `crate::metrics`).
+pub fn metrics_router(
+    handle: NodeHandle,
+    infer: Option<crate::infer_service::InferService>,
+    route: Option<crate::route_service::RouteService>,
+    patch: Option<crate::patch_service::PatchService>,
+) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state((handle, infer, route, patch))
+}
+
+async fn metrics(
+    State((h, infer, route, patch)): State<MetricsState>,
+) -> Result<impl IntoResponse, ApiError> {
+    let status = h.status().await.map_err(unavailable)?;
+    let peers = h.peers().await.map_err(unavailable)?;
+    let text = crate::metrics::render(
+        &status,
+        &peers,
+        infer.as_ref(),
+        route.as_ref(),
+        patch.as_ref(),
+    );
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    ))
+}
+
+/// The API's OpenAPI 3.1 document (`daemon/src/openapi.json`; a test keeps it in step with
+/// the routers).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    /// Every `.route(path, method(..))` of the routers is in the OpenAPI document with that
+    /// method, and the document lists nothing the routers do not serve.
+    #[test]
+    fn the_openapi_document_matches_the_routers() {
+        let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        let mut served = std::collections::BTreeSet::new();
+        for src in [include_str!("http.rs"), include_str!("openai.rs")] {
+            for part in src.split(".route(\"").skip(1) {
+                let (path, rest) = part.split_once('"').unwrap();
+                let call = &rest[..rest.find("))\n").unwrap_or(rest.len())];
+                let path = path.replace("{*key}", "{key}");
+                for m in ["get", "put", "post", "delete"] {
+                    if call.contains(&format!("{m}(")) {
+                        served.insert((path.clone(), m.to_owned()));
+                    }
+                }
+            }
+        }
+        assert!(served.len() > 10, "{served:?}");
+        let mut documented = std::collections::BTreeSet::new();
+        for (p, ops) in paths {
+            for m in ops.as_object().unwrap().keys() {
+                documented.insert((p.clone(), m.clone()));
+            }
+        }
+        // The document itself is served but not described in itself.
+        served.remove(&("/api/openapi.json".to_owned(), "get".to_owned()));
+        assert_eq!(served, documented);
+    }
 }

@@ -21,6 +21,7 @@ pub mod infer_cli;
 pub mod infer_service;
 pub mod local;
 pub mod matchmaking;
+pub mod metrics;
 pub mod netlab;
 pub mod node;
 pub mod openai;

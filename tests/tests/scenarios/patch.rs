@@ -269,5 +269,77 @@ async fn a_swarm_adopts_good_patches_refuses_bad_ones_and_agrees_on_concurrent_o
         assert_eq!(l.version, lists[0].version);
         assert_eq!(l.len, lists[0].len);
     }
+    // Prometheus metrics of node 0 show the same state, in a well-formed exposition.
+    let text = http
+        .get(format!("{api}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let samples = parse_exposition(&text);
+    let get = |name: &str, label: Option<(&str, &str)>| -> f64 {
+        samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name && label.is_none_or(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+            })
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+            .2
+    };
+    assert_eq!(get("colony_patch_chain_length", None), lists[0].len as f64);
+    assert!(get("colony_patch_proposals", Some(("status", "rejected"))) >= 1.0);
+    assert!(get("colony_connected_peers", None) >= 4.0);
+    assert!(get("colony_offences_total", None) >= 1.0);
+    assert_eq!(get("colony_up", None), 1.0);
     swarm.shutdown().await;
+}
+
+/// Parses Prometheus text exposition strictly: every sample belongs to a family declared by
+/// `# TYPE` before it, names and label sets are well formed, values are numbers.
+fn parse_exposition(text: &str) -> Vec<(String, String, f64)> {
+    let mut typed = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split(' ');
+            let name = it.next().unwrap();
+            let kind = it.next().unwrap();
+            assert!(
+                ["gauge", "counter", "histogram", "summary", "untyped"].contains(&kind),
+                "{line}"
+            );
+            assert!(
+                typed.insert(name.to_owned()),
+                "family {name} declared twice"
+            );
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (head, value) = line.rsplit_once(' ').unwrap();
+        let (name, labels) = match head.split_once('{') {
+            Some((n, l)) => {
+                assert!(l.ends_with('}'), "{line}");
+                (n, l.trim_end_matches('}').to_owned())
+            }
+            None => (head, String::new()),
+        };
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{line}"
+        );
+        assert!(typed.contains(name), "sample before its # TYPE: {line}");
+        let v: f64 = match value {
+            "NaN" => f64::NAN,
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value: {line}")),
+        };
+        out.push((name.to_owned(), labels, v));
+    }
+    out
 }
