@@ -49,7 +49,13 @@ pub enum Command {
     /// Peers a running node is connected to.
     Peers(ApiArgs),
     /// A running node's status.
-    Status(ApiArgs),
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Redraw every this many seconds until Ctrl-C.
+        #[arg(long)]
+        watch: Option<f64>,
+    },
     /// Ping a peer over peer RPC through a running node.
     Ping {
         /// The peer id.
@@ -279,31 +285,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Status(api) => {
-            let s: NodeStatus = api_get(&api.api, "/api/status").await?;
-            if api.json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                println!(
-                    "peer id      {}\nagent        {}\nuptime       {} s",
-                    s.peer_id, s.agent, s.uptime_s
-                );
-                println!(
-                    "dht mode     {}\npeers        {} connected, {} in routing table",
-                    s.dht_mode, s.connected_peers, s.routing_table_peers
-                );
-                println!(
-                    "dht store    {} entries, {} bytes",
-                    s.dht_entries, s.dht_bytes
-                );
-                println!("listening    {}", s.listen_addrs.join(" "));
-                println!(
-                    "offences     {} (banned: {})",
-                    s.offences,
-                    s.banned_peers.len()
-                );
+        Command::Status { api, watch } => {
+            let Some(every) = watch else {
+                let v = status_view(&api.api).await?;
+                print_status(&v, api.json, false)?;
+                return Ok(());
+            };
+            if !(every.is_finite() && every > 0.0) {
+                anyhow::bail!("--watch wants a positive number of seconds");
             }
-            Ok(())
+            loop {
+                match status_view(&api.api).await {
+                    Ok(v) => {
+                        if !print_status(&v, api.json, !api.json)? {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => println!("{e:#}"),
+                }
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs_f64(every)) => {}
+                }
+            }
         }
         Command::Ping { peer, api } => {
             let v: serde_json::Value =
@@ -491,5 +495,142 @@ mod tests {
     #[test]
     fn every_command_line_is_well_formed() {
         super::Cli::command().debug_assert();
+    }
+}
+
+/// What `colony status` shows: the node, its peers and what its services hold.
+#[derive(Debug, serde::Serialize)]
+struct StatusView {
+    #[serde(flatten)]
+    status: NodeStatus,
+    peers: Vec<PeerSummary>,
+    /// The patch chain (`/api/patch/list`), when the node holds an editable model.
+    patch: Option<serde_json::Value>,
+    /// Inference jobs, when the node serves a model.
+    infer_jobs: Option<Vec<serde_json::Value>>,
+    /// Index shards the node serves.
+    route_shards: Option<Vec<serde_json::Value>>,
+}
+
+async fn status_view(base: &str) -> anyhow::Result<StatusView> {
+    let status: NodeStatus = api_get(base, "/api/status").await?;
+    let peers: Vec<PeerSummary> = api_get(base, "/api/peers").await?;
+    // Services a node does not run answer 404: shown as absent.
+    let patch = api_get(base, "/api/patch/list").await.ok();
+    let infer_jobs = api_get(base, "/api/infer/jobs").await.ok();
+    let route_shards: Option<Vec<serde_json::Value>> = api_get(base, "/api/route/shards")
+        .await
+        .ok()
+        .filter(|v: &Vec<_>| !v.is_empty());
+    Ok(StatusView {
+        status,
+        peers,
+        patch,
+        infer_jobs,
+        route_shards,
+    })
+}
+
+fn render_status(v: &StatusView, json: bool) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    if json {
+        return Ok(serde_json::to_string_pretty(v)? + "\n");
+    }
+    let s = &v.status;
+    let _ = writeln!(
+        o,
+        "peer id      {}\nagent        {}\nuptime       {} s\nservices     {}",
+        s.peer_id,
+        s.agent,
+        s.uptime_s,
+        s.services.join(", ")
+    );
+    let _ = writeln!(
+        o,
+        "dht mode     {}\npeers        {} connected, {} in routing table",
+        s.dht_mode, s.connected_peers, s.routing_table_peers
+    );
+    let _ = writeln!(
+        o,
+        "dht store    {} entries, {} bytes",
+        s.dht_entries, s.dht_bytes
+    );
+    let _ = writeln!(o, "listening    {}", s.listen_addrs.join(" "));
+    let _ = writeln!(
+        o,
+        "offences     {} (banned: {})",
+        s.offences,
+        s.banned_peers.len()
+    );
+    let mut peers: Vec<&PeerSummary> = v.peers.iter().collect();
+    peers.sort_by(|a, b| {
+        a.rtt_ms
+            .unwrap_or(f64::MAX)
+            .total_cmp(&b.rtt_ms.unwrap_or(f64::MAX))
+    });
+    for p in peers.iter().take(8) {
+        let _ = writeln!(
+            o,
+            "  peer {}  {}  {}{}",
+            p.peer_id,
+            p.rtt_ms
+                .map_or("rtt ?".into(), |r| format!("rtt {r:.1} ms")),
+            p.agent.as_deref().unwrap_or("?"),
+            if p.strikes > 0 {
+                format!("  strikes {}", p.strikes)
+            } else {
+                String::new()
+            }
+        );
+    }
+    if peers.len() > 8 {
+        let _ = writeln!(o, "  ... and {} more", peers.len() - 8);
+    }
+    if let Some(p) = &v.patch {
+        let _ = writeln!(
+            o,
+            "patches      model {}  version {}  {} applied  control error {:.2}%",
+            p["model"].as_str().unwrap_or("?").get(..12).unwrap_or("?"),
+            p["version"]
+                .as_str()
+                .unwrap_or("?")
+                .get(..12)
+                .unwrap_or("?"),
+            p["len"],
+            p["control_error"].as_f64().unwrap_or(f64::NAN) * 100.0
+        );
+    }
+    if let Some(jobs) = &v.infer_jobs {
+        let running = jobs.iter().filter(|j| j["state"] == "running").count();
+        let queued = jobs.iter().filter(|j| j["state"] == "queued").count();
+        let _ = writeln!(
+            o,
+            "inference    {} jobs ({running} running, {queued} queued)",
+            jobs.len()
+        );
+    }
+    if let Some(shards) = &v.route_shards {
+        let names: Vec<String> = shards
+            .iter()
+            .map(|r| format!("{}#{}", r["index"].as_str().unwrap_or("?"), r["shard"]))
+            .collect();
+        let _ = writeln!(o, "route        {}", names.join(" "));
+    }
+    Ok(o)
+}
+
+/// Prints the status; `Ok(false)` when stdout is closed (a pipe reader went away).
+fn print_status(v: &StatusView, json: bool, clear: bool) -> anyhow::Result<bool> {
+    use std::io::Write as _;
+    let mut text = render_status(v, json)?;
+    if clear {
+        text.insert_str(0, "\x1b[2J\x1b[H");
+    }
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }

@@ -234,3 +234,125 @@ fn demo_runs_end_to_end() {
         );
     }
 }
+
+/// The README's patch workflow with the real binary: `colony edit train` writes a model, two
+/// `colony node` processes serve it from `[patch]` in their config, `colony patch submit` gets a
+/// fix adopted, `colony patch list`/`show` and `colony status --json` show it on the other node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_patch_cli_workflow_runs_against_two_processes() {
+    colony_tests::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("digits.edit");
+    let out = colony_cli(
+        &[
+            "edit",
+            "train",
+            "--arch",
+            "mlp",
+            "--epochs",
+            "12",
+            "--out",
+            model.to_str().unwrap(),
+        ],
+        None,
+    )
+    .unwrap();
+    assert!(out.contains("written to"), "{out}");
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[patch]\nmodel = {:?}\nquorum = 1\nrebroadcast_ms = 500\n",
+            model.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let cfg = ["--config", config.to_str().unwrap()];
+    let a = NodeProcess::start(&dir.path().join("a"), &node_args(&[], &cfg), None).unwrap();
+    let b = NodeProcess::start(
+        &dir.path().join("b"),
+        &node_args(&a.dial_addrs(), &cfg),
+        None,
+    )
+    .unwrap();
+    let (api_a, api_b) = (a.api(), b.api());
+    wait_for(
+        "the two nodes see each other",
+        Duration::from_secs(20),
+        || async {
+            Ok(
+                (get_json(&format!("{api_b}/api/status")).await?["connected_peers"].as_u64()
+                    >= Some(1))
+                .then_some(()),
+            )
+        },
+    )
+    .await
+    .unwrap();
+    // Gossipsub's mesh forms within a few heartbeats; the request is re-published until answered.
+    let out = colony_cli(
+        &[
+            "patch",
+            "submit",
+            "--api",
+            &api_a,
+            "--control-index",
+            "3",
+            "--target",
+            "7",
+            "--wait",
+            "60",
+        ],
+        None,
+    )
+    .unwrap();
+    assert!(out.contains("accepted by 1 verifiers"), "{out}");
+    let list: Value = serde_json::from_str(
+        &colony_cli(&["patch", "list", "--api", &api_b, "--json"], None).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(list["len"], 1, "{list}");
+    let id = list["chain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["fate"] == "applied")
+        .unwrap()["patch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let shown = colony_cli(&["patch", "show", &id[..12], "--api", &api_b], None).unwrap();
+    assert!(
+        shown.contains("accepted") && shown.contains("target 7"),
+        "{shown}"
+    );
+    let st: Value =
+        serde_json::from_str(&colony_cli(&["status", "--api", &api_b, "--json"], None).unwrap())
+            .unwrap();
+    assert_eq!(st["patch"]["len"], 1, "{st}");
+    assert!(
+        st["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == "patch"),
+        "{st}"
+    );
+    // A bad request is refused with a named error.
+    let err = colony_cli(
+        &[
+            "patch",
+            "submit",
+            "--api",
+            &api_a,
+            "--control-index",
+            "3",
+            "--target",
+            "12",
+        ],
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("not a class"), "{err}");
+}
