@@ -174,8 +174,30 @@ async fn a_late_joiner_downloads_the_state_and_matches_after_the_next_step() {
         .iter()
         .map(|n| spawn_peer(n, &job, config(12, None), stop.clone()))
         .collect();
-    // Let the swarm get a few steps ahead, then join.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Let the swarm get a few steps ahead (read from its progress records, not a fixed sleep:
+    // on a loaded machine 10 s was once 10 of the 12 steps and the joiner found no group left),
+    // then join.
+    let key = colony_protocol::DhtKey::run_progress("fortunes").unwrap();
+    let h = swarm.nodes[0].handle.clone();
+    colony_tests::wait_for(
+        "the swarm is three steps in",
+        Duration::from_secs(120),
+        || {
+            let (h, key) = (h.clone(), key.clone());
+            async move {
+                let got = h.dht_get(&key).await?;
+                let epoch = colony_daemon::handle::owned_values::<
+                    colony_protocol::train::TrainProgress,
+                >(&got.entries)
+                .map(|(_, p)| p.epoch)
+                .max()
+                .unwrap_or(0);
+                Ok((epoch >= 3).then_some(()))
+            }
+        },
+    )
+    .await
+    .unwrap();
     let joiner = swarm.spawn_node().await.unwrap();
     let late = spawn_peer(&joiner, &job, config(12, None), stop.clone());
     let (jt, js) = finish(vec![late]).await.remove(0);
