@@ -143,6 +143,13 @@ struct Inner {
     state: Mutex<State>,
 }
 
+impl Inner {
+    /// Rebuilds the chain from the accepted and rolled-back sets.
+    fn refold(&self, s: &mut State) {
+        s.chain = fold(&self.model, &s.accepted, &s.rolled_back, &self.limits);
+    }
+}
+
 /// One step of the chain, for the API.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepView {
@@ -412,23 +419,13 @@ impl PatchService {
 
     /// The pixels of image `i` of the control set.
     fn control_image(&self, i: usize) -> anyhow::Result<Vec<f32>> {
-        let data = self
-            .inner
-            .cfg
-            .data
-            .clone()
-            .unwrap_or_else(crate::swav_job::default_digits);
-        let set = ImageSet::digits(&data)?;
-        let f = &self.inner.model.file;
-        let d = colony_trainer::edit::train::Digits::from_set(&set).map_err(|e| anyhow!(e))?;
-        let (_, test) = d.split(f.split_seed, f.test_fraction);
-        if i >= test.len() {
-            bail!(
-                "control_index {i} is outside the control set ({} images)",
-                test.len()
-            );
+        let m = &self.inner.model;
+        let n = m.control_labels.len();
+        if i >= n {
+            bail!("control_index {i} is outside the control set ({n} images)");
         }
-        Ok(test.image(i).to_vec())
+        let per = m.control_pixels.len() / n.max(1);
+        Ok(m.control_pixels[i * per..(i + 1) * per].to_vec())
     }
 
     async fn on_gossip(&self, handle: &NodeHandle, data: &[u8], source: Option<PeerId>) {
@@ -724,13 +721,7 @@ impl PatchService {
                 .append(&entry)
                 .context("cannot append to the patch log")?;
             s.accepted.insert(id, patch);
-            let chain = fold(
-                &svc.inner.model,
-                &s.accepted,
-                &s.rolled_back,
-                &svc.inner.limits,
-            );
-            s.chain = chain;
+            svc.inner.refold(&mut s);
             Ok(())
         })
         .await??;
@@ -756,13 +747,7 @@ impl PatchService {
                 at_ms: now_ms(),
             })?;
             s.rolled_back.insert(id);
-            let chain = fold(
-                &self.inner.model,
-                &s.accepted,
-                &s.rolled_back,
-                &self.inner.limits,
-            );
-            s.chain = chain;
+            self.inner.refold(&mut s);
         }
         Ok(self.version())
     }

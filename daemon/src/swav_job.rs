@@ -34,17 +34,10 @@ pub struct SwavJob {
     pub gpu: usize,
 }
 
-/// Where `scripts/fetch-data.sh` puts the digits: `$COLONY_DIGITS`, or
-/// `.cache/data/digits.csv.gz` under the working directory or the source tree.
+/// Where `scripts/fetch-data.sh` puts the digits (see
+/// [`colony_trainer::data::images::default_digits_path`]).
 pub fn default_digits() -> PathBuf {
-    if let Some(p) = std::env::var_os("COLONY_DIGITS") {
-        return PathBuf::from(p);
-    }
-    let here = PathBuf::from(".cache/data/digits.csv.gz");
-    if here.exists() {
-        return here;
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/data/digits.csv.gz")
+    colony_trainer::data::images::default_digits_path()
 }
 
 /// Parses `2x224+6x96`: counts and sizes of the crops, global first.

@@ -1,6 +1,6 @@
 //! Collaborative training (DeDLOC): models (ALBERT, SwAV on ResNets), text and image data
 //! pipelines, optimizers on flat parameter vectors, the collaborative step logic, and the
-//! bandwidth-aware all-reduce.
+//! bandwidth-aware all-reduce; Editable Training and what patch jobs are made of (`edit`).
 //!
 //! This crate holds no sockets and no tokio: the daemon provides the transport.
 

@@ -17,11 +17,7 @@ use colony_trainer::edit::train::{Digits, Mode, TrainConfig, train};
 use colony_trainer::edit::{EditorConfig, eval};
 
 fn digits() -> ImageSet {
-    let p = std::env::var_os("COLONY_DIGITS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/data/digits.csv.gz")
-        });
+    let p = colony_trainer::data::images::default_digits_path();
     ImageSet::digits(&p).unwrap_or_else(|e| {
         panic!("{e}: the digits set is fetched by scripts/fetch-data.sh (or set COLONY_DIGITS)")
     })

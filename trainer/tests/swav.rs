@@ -3,8 +3,6 @@
 //! process accumulating the same micro-batches.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
 use colony_trainer::collab::{SwavTrainer, swav_cpu};
 use colony_trainer::data::images::{Augment, ImageSet, SwavBatch};
 use colony_trainer::data::mlm::Sampler;
@@ -14,11 +12,7 @@ use colony_trainer::optim::lars::LarsConfig;
 use colony_trainer::optim::schedule::Schedule;
 
 fn digits() -> ImageSet {
-    let p = std::env::var_os("COLONY_DIGITS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/data/digits.csv.gz")
-        });
+    let p = colony_trainer::data::images::default_digits_path();
     ImageSet::digits(&p).unwrap_or_else(|e| {
         panic!("{e}: the digits set is fetched by scripts/fetch-data.sh (or set COLONY_DIGITS)")
     })

@@ -48,6 +48,19 @@ pub struct ImageSet {
     fingerprint: [u8; 32],
 }
 
+/// Where `scripts/fetch-data.sh` puts the digits: `$COLONY_DIGITS`, or
+/// `.cache/data/digits.csv.gz` under the working directory or the source tree.
+pub fn default_digits_path() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("COLONY_DIGITS") {
+        return p.into();
+    }
+    let here = std::path::PathBuf::from(".cache/data/digits.csv.gz");
+    if here.exists() {
+        return here;
+    }
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/data/digits.csv.gz")
+}
+
 impl ImageSet {
     fn new(channels: usize, size: usize, pixels: Vec<u8>, labels: Vec<Option<u32>>) -> Self {
         let per = channels * size * size;

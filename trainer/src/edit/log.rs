@@ -26,7 +26,6 @@ pub enum LogEntry {
 
 #[derive(Debug)]
 pub struct PatchLog {
-    path: PathBuf,
     file: File,
 }
 
@@ -70,14 +69,7 @@ impl PatchLog {
             f.sync_all()?;
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok((
-            Self {
-                path: path.to_path_buf(),
-                file,
-            },
-            entries,
-            recovery,
-        ))
+        Ok((Self { file }, entries, recovery))
     }
 
     /// Appends one record and syncs it to disk.
@@ -90,10 +82,6 @@ impl PatchLog {
         rec.extend(&payload);
         self.file.write_all(&rec)?;
         self.file.sync_data()
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 

@@ -12,7 +12,7 @@ use colony_protocol::patch::{Delta, Patch};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::editor::{EditorConfig, EditorKind};
+use super::editor::EditorConfig;
 use super::head::{Head, target_margin};
 use super::net::{Arch, CLASSES, EditNet, HIDDEN, INPUTS, features_of};
 use super::train::Digits;
@@ -154,6 +154,8 @@ pub struct EditModel {
     pub editor: EditorConfig,
     pub control: Vec<f32>,
     pub control_labels: Vec<usize>,
+    /// The control images themselves (`64` pixels each, 0–1 scale).
+    pub control_pixels: Vec<f32>,
     /// The base head's control error.
     pub base_error: f32,
 }
@@ -193,6 +195,7 @@ impl EditModel {
             editor,
             control,
             control_labels: test.labels,
+            control_pixels: test.pixels,
         })
     }
 
@@ -365,13 +368,5 @@ pub fn check_patch(model: &EditModel, head: &Head, patch: &Patch, limits: &Limit
         margin,
         drawdown,
         head: Some(edited),
-    }
-}
-
-/// The editor kind is part of the model's contract; exposed for the CLI.
-pub fn default_editor() -> EditorConfig {
-    EditorConfig {
-        kind: EditorKind::LineSearch,
-        ..Default::default()
     }
 }

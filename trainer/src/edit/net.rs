@@ -2,7 +2,6 @@
 //! linear head `z = W h + b` that edits change. Two bodies: an MLP (64→128, ReLU) and a small
 //! CNN (two 3×3 convolutions, the second with stride 2, then 512→128, ReLU).
 
-use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
@@ -114,20 +113,6 @@ impl<B: Backend> EditNet<B> {
             None => vec![0.0; CLASSES],
         };
         Head::new(CLASSES, HIDDEN, w, b)
-    }
-
-    /// The net with its head replaced.
-    pub fn with_head(mut self, head: &Head) -> Self {
-        let device = self.head.weight.device();
-        let w = Tensor::<B, 2>::from_data(
-            TensorData::new(head.w.clone(), [head.out, head.inp]),
-            &device,
-        )
-        .transpose();
-        let b = Tensor::<B, 1>::from_data(TensorData::new(head.b.clone(), [head.out]), &device);
-        self.head.weight = Param::from_tensor(w);
-        self.head.bias = Some(Param::from_tensor(b));
-        self
     }
 }
 
