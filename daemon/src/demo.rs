@@ -658,24 +658,26 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         subs.push(n.handle.subscribe(&topic).await?);
     }
     swarm.nodes[0].handle.subscribe(&topic).await?;
-    let mut delivered = 0;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    // Gossipsub needs a heartbeat or two to build its mesh; retry until it accepts.
-    while swarm.nodes[0]
-        .handle
-        .publish(&topic, b"hello swarm".to_vec())
-        .await
-        .is_err()
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    for rx in &mut subs {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if let Ok(Ok(_)) = tokio::time::timeout(left, rx.recv()).await {
-            delivered += 1;
+    // Gossipsub builds its mesh over a few heartbeats, and a publish is accepted as
+    // soon as node 0 has one mesh peer: publish a numbered message every 300 ms until
+    // every subscriber has one (or 15 s pass).
+    let mut got = vec![false; subs.len()];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut i = 0u32;
+    while got.iter().any(|g| !g) && Instant::now() < deadline {
+        let _ = swarm.nodes[0]
+            .handle
+            .publish(&topic, format!("hello swarm {i}").into_bytes())
+            .await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (k, rx) in subs.iter_mut().enumerate() {
+            while rx.try_recv().is_ok() {
+                got[k] = true;
+            }
         }
     }
+    let delivered = got.iter().filter(|g| **g).count();
     if !args.json {
         println!(
             "    delivered to {delivered} of {} subscribers",

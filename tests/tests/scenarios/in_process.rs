@@ -243,7 +243,9 @@ async fn restart_keeps_identity_and_entries() {
     node.shutdown().await;
 }
 
-/// Gossip reaches every subscriber.
+/// Gossip reaches every subscriber. The mesh forms over a few heartbeats and a
+/// publish succeeds as soon as node 0 has one mesh peer, so node 0 publishes a
+/// numbered message every 300 ms until every other subscriber has one of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gossip_reaches_subscribers() {
     let (_dir, s) = swarm(5).await;
@@ -252,22 +254,33 @@ async fn gossip_reaches_subscribers() {
     for n in &s.nodes {
         subs.push(n.handle.subscribe(&topic).await.unwrap());
     }
-    wait_for("gossip mesh", Duration::from_secs(20), || async {
-        Ok(s.nodes[0]
+    let mut got = vec![false; subs.len()];
+    got[0] = true;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut i = 0u32;
+    while got.iter().any(|g| !g) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gossip did not reach subscribers {:?} in 30 s",
+            got.iter()
+                .enumerate()
+                .filter(|(_, g)| !**g)
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>()
+        );
+        let _ = s.nodes[0]
             .handle
-            .publish(&topic, b"hello".to_vec())
-            .await
-            .ok())
-    })
-    .await
-    .unwrap();
-    for rx in &mut subs[1..] {
-        let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(m.data, b"hello");
-        assert_eq!(m.source, Some(s.nodes[0].peer_id()));
+            .publish(&topic, format!("hello {i}").into_bytes())
+            .await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (k, rx) in subs.iter_mut().enumerate().skip(1) {
+            while let Ok(m) = rx.try_recv() {
+                assert!(m.data.starts_with(b"hello "), "unexpected payload");
+                assert_eq!(m.source, Some(s.nodes[0].peer_id()));
+                got[k] = true;
+            }
+        }
     }
     s.shutdown().await;
 }
