@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command of the README: installs what the tests need on a fresh machine, builds the
-# `colony` binary the multi-process tests run, then runs every test of the workspace.
+# `colony` binary the multi-process tests run, then runs every test of the workspace and the
+# dashboard's browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,3 +26,7 @@ cargo build -p colony-daemon --bin colony
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
 cargo nextest run --workspace --profile "$profile" "$@"
+# The dashboard in a real browser (skipped when nextest was given a filter).
+if [ $# -eq 0 ]; then
+  scripts/browser-test.sh
+fi

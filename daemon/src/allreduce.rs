@@ -191,6 +191,23 @@ pub async fn run_round_measured(
         received: received.iter().map(Tally::get).collect(),
         members: group.members.clone(),
     };
+    let (sent_bytes, _) = Transfers::total(&transfers.sent);
+    let (received_bytes, _) = Transfers::total(&transfers.received);
+    h.telemetry().round(crate::telemetry::RoundView {
+        round: hex::encode(&group.round.0[..8]),
+        t_ms: crate::clock::now_ms(),
+        ok: result.is_ok(),
+        error: result.as_ref().err().map(|e| format!("{e:#}")),
+        seconds: transfers.secs,
+        bound_s: group.predicted_s,
+        members: group.members.iter().map(ToString::to_string).collect(),
+        values: group.spec.shard_sizes.iter().sum(),
+        bytes_sent: sent_bytes,
+        bytes_received: received_bytes,
+    });
+    if result.is_err() {
+        h.telemetry().error("allreduce_round_failed");
+    }
     result.map(|r| (r, transfers))
 }
 

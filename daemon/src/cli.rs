@@ -141,6 +141,19 @@ pub struct ApiArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// The API token of requests that change state (default: read from the data directory).
+    #[arg(long, env = "COLONY_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The node's data directory, where its API token is kept.
+    #[arg(long = "data-dir", value_name = "DIR", default_value = ".colony")]
+    pub token_dir: std::path::PathBuf,
+}
+
+impl ApiArgs {
+    /// `rb` with the API token, when one is given or found.
+    pub fn authorize(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        crate::http::authorize(rb, self.token.as_deref(), &self.token_dir)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -310,9 +323,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Ping { peer, api } => {
-            let v: serde_json::Value =
-                api_send(reqwest::Client::new().post(format!("{}/api/ping/{peer}", api.api)))
-                    .await?;
+            let v: serde_json::Value = api_send(
+                api.authorize(reqwest::Client::new().post(format!("{}/api/ping/{peer}", api.api))),
+            )
+            .await?;
             if api.json {
                 println!("{v}");
             } else {
@@ -419,9 +433,11 @@ async fn dht(cmd: DhtCommand) -> anyhow::Result<()> {
                 ttl_s: ttl,
             };
             let report: serde_json::Value = api_send(
-                reqwest::Client::new()
-                    .put(format!("{}/api/dht/{key}", api.api))
-                    .json(&body),
+                api.authorize(
+                    reqwest::Client::new()
+                        .put(format!("{}/api/dht/{key}", api.api))
+                        .json(&body),
+                ),
             )
             .await?;
             if api.json {
@@ -633,4 +649,18 @@ fn print_status(v: &StatusView, json: bool, clear: bool) -> anyhow::Result<bool>
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
         Err(e) => Err(e.into()),
     }
+}
+
+/// A progress bar on standard error for long CLI work (`len` units of `what`); it draws only
+/// when standard error is a terminal, so scripts and `--json` output see nothing of it.
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} {msg} (eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_string());
+    bar
 }

@@ -33,6 +33,9 @@ pub struct NodeConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// HTTP API and dashboard address; `None` disables it.
     pub http: Option<SocketAddr>,
+    /// The bearer token of the API's requests that change state (every method but GET and
+    /// HEAD). Unset: a random one kept in `<data_dir>/api-token`, which the CLI reads.
+    pub api_token: Option<String>,
     pub reachability: Reachability,
     /// Relays to listen through when private (default: the bootstrap peers).
     pub relays: Vec<Multiaddr>,
@@ -115,6 +118,7 @@ impl Default for NodeConfig {
             ],
             bootstrap: Vec::new(),
             http: Some(SocketAddr::from(([127, 0, 0, 1], 8700))),
+            api_token: None,
             reachability: Reachability::Auto,
             relays: Vec::new(),
             services: vec!["dht".into()],

@@ -20,9 +20,15 @@ pub struct DemoArgs {
     /// HTTP API of the first node ("off" to disable).
     #[arg(long, default_value = "127.0.0.1:8700")]
     pub http: String,
-    /// Keep the swarm running after the demo until Ctrl-C.
+    /// Keep the swarm running and working after the demo until Ctrl-C: the nodes go on
+    /// training together and node 1 asks node 0 for a Hogwild! job every few seconds (watch it
+    /// on the dashboard at the --http address).
     #[arg(long)]
     pub keep_running: bool,
+    /// The LLM node 0 serves for the Hogwild! step (default: SmolLM2-135M-Instruct from
+    /// `scripts/fetch-data.sh`; the step is skipped when it is missing).
+    #[arg(long)]
+    pub model: Option<std::path::PathBuf>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -39,9 +45,104 @@ struct Summary {
     gossip_delivered: usize,
     allreduce: AllReduceSummary,
     training: TrainingSummary,
+    hogwild: Option<HogwildSummary>,
     routing: RoutingSummary,
     patching: Option<PatchingSummary>,
     http: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct HogwildSummary {
+    model: String,
+    question: String,
+    workers: usize,
+    /// Each worker's text, as written token by token over the shared cache.
+    worker_texts: Vec<String>,
+    answer: String,
+    tokens: usize,
+    seconds: f64,
+}
+
+/// The SmolLM2 model of `scripts/fetch-data.sh`: `$COLONY_MODEL`, `.cache/data/…` here, or
+/// beside the source tree.
+pub fn default_model_path() -> std::path::PathBuf {
+    const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    if let Some(p) = std::env::var_os("COLONY_MODEL") {
+        return p.into();
+    }
+    let here = std::path::Path::new(".cache/data").join(MODEL);
+    if here.exists() {
+        return here;
+    }
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../.cache/data")
+        .join(MODEL)
+}
+
+const HOGWILD_QUESTIONS: &[&str] = &[
+    "Name three things a volunteer computer can do for science. Be brief.",
+    "Give two tips for writing clear documentation.",
+    "What makes a good team? Answer in two sentences.",
+    "List three fruits and their colours.",
+];
+
+/// Node 1 asks node 0 (which serves the model) for a Hogwild! job over peer RPC; the
+/// workers write over one shared cache and see each other's tokens at once.
+async fn hogwild_job(
+    swarm: &LocalSwarm,
+    question: &str,
+    workers: u8,
+    max_tokens: u32,
+    seed: u64,
+) -> anyhow::Result<HogwildSummary> {
+    use colony_protocol::infer::{InferEvent, InferJob, InferSampling};
+    let server = &swarm.nodes[0];
+    let model = server
+        .infer
+        .as_ref()
+        .context("node 0 serves no model")?
+        .model()
+        .to_string();
+    let job = InferJob {
+        messages: vec![("user".into(), question.into())],
+        workers,
+        max_tokens,
+        sampling: InferSampling {
+            temperature: 0.6,
+            top_p: 0.95,
+            seed,
+        },
+    };
+    let mut texts = vec![String::new(); usize::from(workers)];
+    let mut answer = String::new();
+    let mut tokens = 0;
+    let t0 = Instant::now();
+    crate::infer_service::remote_infer(
+        &swarm.nodes[1].handle,
+        server.peer_id(),
+        job,
+        &tokio_util::sync::CancellationToken::new(),
+        &mut |e| match e {
+            InferEvent::Token { worker, text } => {
+                if let Some(t) = texts.get_mut(usize::from(*worker)) {
+                    t.push_str(text);
+                    tokens += 1;
+                }
+            }
+            InferEvent::Answer { text } => answer = text.clone(),
+            _ => {}
+        },
+    )
+    .await?;
+    Ok(HogwildSummary {
+        model,
+        question: question.into(),
+        workers: usize::from(workers),
+        worker_texts: texts,
+        answer,
+        tokens,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -101,6 +202,11 @@ async fn demo_patching(swarm: &LocalSwarm) -> anyhow::Result<Option<PatchingSumm
         svc.start(&node.handle, &cancel, &mut tasks).await?;
         services.push(svc);
     }
+    // Node 0's dashboard shows its patch log.
+    swarm.nodes[0]
+        .handle
+        .telemetry()
+        .attach_patch_service(services[0].clone());
     let digits = Digits::from_set(&set).map_err(|e| anyhow::anyhow!(e))?;
     let (_, control) = digits.split(crate::edit_cli::SPLIT_SEED, crate::edit_cli::TEST_FRACTION);
     let before = services[0].list().control_error;
@@ -335,17 +441,14 @@ struct TrainingSummary {
 
 /// A short collaborative ALBERT run: every node trains albert-tiny on a small embedded corpus
 /// (`daemon/assets/demo_corpus.txt`), averaging gradients at each global step.
-async fn demo_training(swarm: &LocalSwarm) -> anyhow::Result<TrainingSummary> {
+fn demo_albert_job() -> anyhow::Result<crate::train_cli::AlbertJob> {
     use colony_trainer::data::text::{Corpus, split_documents};
     use colony_trainer::data::tokenizer::TextTokenizer;
-
-    use crate::train::{StepEvent, TrainConfig, train};
-    use crate::train_cli::{AlbertJob, TrainJob};
 
     let docs = split_documents(include_str!("../assets/demo_corpus.txt"));
     let corpus = Corpus::from_documents(&docs);
     let tokenizer = TextTokenizer::train(corpus.texts(), 1000)?;
-    let job = AlbertJob {
+    Ok(crate::train_cli::AlbertJob {
         size: "tiny".into(),
         corpus,
         tokenizer,
@@ -359,14 +462,63 @@ async fn demo_training(swarm: &LocalSwarm) -> anyhow::Result<TrainingSummary> {
         gpu: 0,
         editable: None,
         tokenized: Default::default(),
-    };
-    let n = swarm.nodes.len() as u64;
-    let steps = 5;
-    let mut cfg = TrainConfig::new("demo-albert", 16 * n);
-    cfg.max_steps = Some(steps);
+    })
+}
+
+fn demo_train_config(run: &str, nodes: usize) -> crate::train::TrainConfig {
+    let mut cfg = crate::train::TrainConfig::new(run, 16 * nodes as u64);
     cfg.window = Duration::from_millis(1000);
     cfg.refresh = Duration::from_millis(250);
     cfg.discovery = Duration::from_secs(3);
+    cfg
+}
+
+/// `--keep-running`: every node trains in a fresh run until `stop`, and node 1 asks node 0
+/// for a Hogwild! job every 10 s (when node 0 serves a model).
+async fn live(swarm: &LocalSwarm, stop: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    use crate::train::train;
+    use crate::train_cli::TrainJob;
+    let job = demo_albert_job()?;
+    let cfg = demo_train_config("demo-albert-live", swarm.nodes.len());
+    let mut runs = Vec::new();
+    for node in &swarm.nodes {
+        let (trainer, source) = job.setup(&node.peer_id().to_bytes())?;
+        let (h, cfg, stop) = (node.handle.clone(), cfg.clone(), stop.clone());
+        runs.push(async move { train(&h, trainer, source, &cfg, stop).await.map(|_| ()) });
+    }
+    let training = futures::future::try_join_all(runs);
+    let inference = async {
+        if swarm.nodes[0].infer.is_none() {
+            return Ok(());
+        }
+        let mut i = 0usize;
+        while !stop.is_cancelled() {
+            let q = HOGWILD_QUESTIONS[i % HOGWILD_QUESTIONS.len()];
+            if let Err(e) = hogwild_job(swarm, q, 3, 48, i as u64).await {
+                tracing::warn!("live Hogwild! job: {e:#}");
+            }
+            i += 1;
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    let (t, i) = tokio::join!(training, inference);
+    t?;
+    i
+}
+
+async fn demo_training(swarm: &LocalSwarm) -> anyhow::Result<TrainingSummary> {
+    use crate::train::{StepEvent, train};
+    use crate::train_cli::TrainJob;
+
+    let job = demo_albert_job()?;
+    let n = swarm.nodes.len() as u64;
+    let steps = 5;
+    let mut cfg = demo_train_config("demo-albert", swarm.nodes.len());
+    cfg.max_steps = Some(steps);
     let stop = tokio_util::sync::CancellationToken::new();
     let t0 = Instant::now();
     let mut setups = Vec::new();
@@ -541,9 +693,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         &format!("starting {} nodes on loopback", args.nodes),
     );
     let t0 = Instant::now();
+    let model = args.model.clone().unwrap_or_else(default_model_path);
+    let first_infer = if model.exists() {
+        Some(crate::config::InferConfig {
+            model: model.clone(),
+            queue: 8,
+            max_tokens: 256,
+        })
+    } else if args.model.is_some() {
+        anyhow::bail!("--model {}: no such file", model.display());
+    } else {
+        None
+    };
     let cfg = LocalSwarmConfig {
         nodes: args.nodes,
         first_http: http,
+        first_infer,
         bootstrap_from: 1,
         ..LocalSwarmConfig::default()
     };
@@ -555,7 +720,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     }
     if let (Some(h), false) = (http_addr, args.json) {
-        println!("    HTTP API of node 0: http://{h}/api/status");
+        println!("    dashboard of node 0: http://{h}/ (API: http://{h}/api/status)");
     }
 
     step(
@@ -719,6 +884,35 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     step(
         args.json,
+        "Hogwild! inference: node 0 serves SmolLM2-135M; node 1 asks it over peer RPC for a job \
+         of three workers that decode in parallel over one shared KV cache",
+    );
+    let hogwild = if swarm.nodes[0].infer.is_some() {
+        let h = hogwild_job(&swarm, HOGWILD_QUESTIONS[0], 3, 32, 0).await?;
+        if !args.json {
+            println!("    Q: {}", h.question);
+            for (w, t) in h.worker_texts.iter().enumerate() {
+                println!("    worker {w}: {}", t.trim().replace('\n', " "));
+            }
+            println!("    answer: {}", h.answer.trim().replace('\n', " "));
+            println!(
+                "    {} tokens in {:.1} s ({})",
+                h.tokens, h.seconds, h.model
+            );
+        }
+        Some(h)
+    } else {
+        if !args.json {
+            println!(
+                "    skipped: no model at {} (scripts/fetch-data.sh)",
+                model.display()
+            );
+        }
+        None
+    };
+
+    step(
+        args.json,
         "graph routing: a nearest-neighbour index in two shards, each served by two nodes; \
          node 0 fans queries out through the DHT records and merges the answers",
     );
@@ -769,6 +963,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         gossip_delivered: delivered,
         allreduce,
         training,
+        hogwild,
         routing,
         patching,
         http: http_addr.map(|h| format!("http://{h}")),
@@ -779,8 +974,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("demo finished in {:.1} s", t0.elapsed().as_secs_f64());
     }
     if args.keep_running {
-        step(args.json, "swarm keeps running; Ctrl-C to stop");
-        let _ = tokio::signal::ctrl_c().await;
+        step(
+            args.json,
+            "the swarm keeps running and working (training, Hogwild! jobs); Ctrl-C to stop",
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let work = live(&swarm, stop.clone());
+        tokio::pin!(work);
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                stop.cancel();
+                if let Err(e) = work.await {
+                    tracing::warn!("live work: {e:#}");
+                }
+            }
+            r = &mut work => r?,
+        }
     }
     swarm.shutdown().await;
     ensure!(refused, "a forged overwrite was accepted");

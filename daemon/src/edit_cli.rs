@@ -151,6 +151,12 @@ pub struct ApiOnly {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// The API token of requests that change state (default: read from the data directory).
+    #[arg(long, env = "COLONY_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The node's data directory, where its API token is kept.
+    #[arg(long = "data-dir", value_name = "DIR", default_value = ".colony")]
+    pub token_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -215,7 +221,11 @@ pub async fn run_patch(cmd: PatchCommand) -> anyhow::Result<()> {
                 target: a.target,
             };
             let v: serde_json::Value = api_json(
-                http.post(format!("{base}/api/patch/submit")).json(&req),
+                crate::http::authorize(
+                    http.post(format!("{base}/api/patch/submit")).json(&req),
+                    a.api.token.as_deref(),
+                    &a.api.token_dir,
+                ),
                 &base,
             )
             .await?;
@@ -322,8 +332,15 @@ pub async fn run_patch(cmd: PatchCommand) -> anyhow::Result<()> {
         }
         PatchCommand::Rollback { id, api } => {
             let base = api.api.trim_end_matches('/');
-            let v: serde_json::Value =
-                api_json(http.post(format!("{base}/api/patch/rollback/{id}")), base).await?;
+            let v: serde_json::Value = api_json(
+                crate::http::authorize(
+                    http.post(format!("{base}/api/patch/rollback/{id}")),
+                    api.token.as_deref(),
+                    &api.token_dir,
+                ),
+                base,
+            )
+            .await?;
             println!(
                 "rolled back; version {} ({} patches)",
                 v["version"], v["len"]

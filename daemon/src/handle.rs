@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -24,6 +25,7 @@ use crate::clock::now_ms;
 use crate::config::DhtConfig;
 use crate::dht::store::merge_newest;
 use crate::swarm::actor::{Closest, Command, GossipMessage, NodeStatus, PeerSummary, RpcFailure};
+use crate::telemetry::Telemetry;
 
 #[derive(Clone, Debug)]
 pub struct NodeHandle {
@@ -32,6 +34,7 @@ pub struct NodeHandle {
     peer_id: PeerId,
     signer: NodeKeypair,
     dht: DhtConfig,
+    telemetry: Arc<Telemetry>,
 }
 
 /// Where one store landed.
@@ -62,6 +65,7 @@ impl NodeHandle {
         peer_id: PeerId,
         signer: NodeKeypair,
         dht: DhtConfig,
+        telemetry: Arc<Telemetry>,
     ) -> Self {
         Self {
             tx,
@@ -69,7 +73,13 @@ impl NodeHandle {
             peer_id,
             signer,
             dht,
+            telemetry,
         }
+    }
+
+    /// The node's records for the API and the dashboard.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
     }
 
     pub fn peer_id(&self) -> PeerId {
@@ -142,14 +152,18 @@ impl NodeHandle {
                 colony_protocol::names::MAX_RPC_BYTES,
             )
             + Duration::from_secs(12);
-        match tokio::time::timeout(outer, rx).await {
+        let r = match tokio::time::timeout(outer, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(RpcFailure::Shutdown),
             Err(_) => Err(RpcFailure::Failed {
                 peer,
                 reason: "no reply in time".into(),
             }),
+        };
+        if let Err(RpcFailure::Failed { .. }) = &r {
+            self.telemetry.error("rpc_failed");
         }
+        r
     }
 
     /// One RPC of a DHT fan-out: bounded by the RPC timeout, dialling included, so one

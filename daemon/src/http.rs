@@ -2,6 +2,7 @@
 //! commands are clients of this API.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -17,16 +18,29 @@ use tokio_util::sync::CancellationToken;
 
 use crate::handle::{NodeHandle, StoreReport};
 
-/// Binds `addr` and serves the API until `cancel` fires. Returns the bound address.
+/// The services a node runs, as the API serves them.
+#[derive(Clone, Debug, Default)]
+pub struct Services {
+    pub infer: Option<crate::infer_service::InferService>,
+    pub route: Option<crate::route_service::RouteService>,
+    pub patch: Option<crate::patch_service::PatchService>,
+}
+
+/// Binds `addr` and serves the API until `cancel` fires (requests that change state need
+/// `token`, when there is one). Returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
+    token: Option<String>,
     handle: NodeHandle,
-    infer: Option<crate::infer_service::InferService>,
-    route: Option<crate::route_service::RouteService>,
-    patch: Option<crate::patch_service::PatchService>,
+    services: Services,
     cancel: CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<SocketAddr> {
+    let Services {
+        infer,
+        route,
+        patch,
+    } = services;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot bind the HTTP API to {addr}"))?;
@@ -38,9 +52,14 @@ pub async fn serve(
             route.clone(),
             patch.clone(),
         ))
-        .merge(crate::openai::router(infer))
-        .merge(route_router(handle.clone(), route))
-        .merge(patch_router(handle, patch));
+        .merge(crate::openai::router(infer.clone()))
+        .merge(route_router(handle.clone(), route.clone()))
+        .merge(patch_router(handle.clone(), patch.clone()))
+        .merge(crate::dashboard::router(handle, infer, route, patch))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(token),
+            require_token,
+        ));
     tasks.spawn(async move {
         let shutdown = async move { cancel.cancelled().await };
         if let Err(e) = axum::serve(listener, app)
@@ -51,6 +70,72 @@ pub async fn serve(
         }
     });
     Ok(bound)
+}
+
+/// Requests that may change state (every method but GET and HEAD, and the POST of a routing
+/// query) carry
+/// `Authorization: Bearer <token>`; the rest are open (the API binds to loopback by default).
+async fn require_token(
+    State(token): State<Arc<Option<String>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::Method;
+    let Some(token) = token.as_ref() else {
+        return next.run(req).await;
+    };
+    // A routing query is a read that carries its vector in a body.
+    let read_only_post = *req.method() == Method::POST && req.uri().path() == "/api/route/query";
+    if matches!(*req.method(), Method::GET | Method::HEAD) || read_only_post {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(g) if same_secret(g.as_bytes(), token.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError(StatusCode::UNAUTHORIZED, "wrong API token".into()).into_response(),
+        None => ApiError(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "{} {} changes state: send `Authorization: Bearer <token>` (the token is in \
+                 the node's data directory, file api-token)",
+                req.method(),
+                req.uri().path()
+            ),
+        )
+        .into_response(),
+    }
+}
+
+/// The token a client sends: `explicit`, else the one in `data_dir/api-token` (if readable).
+pub fn client_token(explicit: Option<&str>, data_dir: &std::path::Path) -> Option<String> {
+    explicit.map(str::to_string).or_else(|| {
+        std::fs::read_to_string(crate::storage::DataDir::new(data_dir).api_token())
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+    })
+}
+
+/// `rb` with `Authorization: Bearer` set from [`client_token`], when there is one.
+pub fn authorize(
+    rb: reqwest::RequestBuilder,
+    explicit: Option<&str>,
+    data_dir: &std::path::Path,
+) -> reqwest::RequestBuilder {
+    match client_token(explicit, data_dir) {
+        Some(t) => rb.bearer_auth(t),
+        None => rb,
+    }
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub fn router(handle: NodeHandle) -> Router {
@@ -320,6 +405,7 @@ async fn metrics(
         infer.as_ref(),
         route.as_ref(),
         patch.as_ref(),
+        h.telemetry(),
     );
     Ok((
         [(
@@ -352,7 +438,11 @@ mod tests {
         let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).unwrap();
         let paths = doc["paths"].as_object().unwrap();
         let mut served = std::collections::BTreeSet::new();
-        for src in [include_str!("http.rs"), include_str!("openai.rs")] {
+        for src in [
+            include_str!("http.rs"),
+            include_str!("openai.rs"),
+            include_str!("dashboard.rs"),
+        ] {
             for part in src.split(".route(\"").skip(1) {
                 let (path, rest) = part.split_once('"').unwrap();
                 let call = &rest[..rest.find("))\n").unwrap_or(rest.len())];

@@ -102,6 +102,11 @@ struct Job {
     count: watch::Sender<usize>,
     cancel: Arc<AtomicBool>,
     submitted: Instant,
+    /// When decoding began and when the job ended.
+    started: Option<Instant>,
+    ended: Option<Instant>,
+    /// Tokens written so far (all workers).
+    tokens: usize,
 }
 
 #[derive(Default)]
@@ -111,12 +116,25 @@ struct Jobs {
     all: HashMap<u64, Job>,
     finished: VecDeque<u64>,
     stopped: bool,
+    /// Tokens written by every job since the service started.
+    tokens_total: u64,
 }
 
 impl Jobs {
     fn push(&mut self, id: u64, e: InferEvent) {
         if let Some(j) = self.all.get_mut(&id) {
             let last = e.is_last();
+            match &e {
+                InferEvent::Started => j.started = Some(Instant::now()),
+                InferEvent::Token { .. } => {
+                    j.tokens += 1;
+                    self.tokens_total += 1;
+                }
+                _ => {}
+            }
+            if last {
+                j.ended = Some(Instant::now());
+            }
             j.events.push(e);
             j.count.send_replace(j.events.len());
             if last {
@@ -153,6 +171,9 @@ pub struct JobSummary {
     pub client: String,
     pub events: usize,
     pub age_s: f64,
+    /// Tokens written (all workers) and their rate over the decoding time so far.
+    pub tokens: usize,
+    pub tokens_per_sec: f64,
 }
 
 /// The service; cheap to clone. Dropping the last clone does not stop the thread: call
@@ -244,6 +265,9 @@ impl InferService {
                 count: watch::Sender::new(0),
                 cancel: Arc::new(AtomicBool::new(false)),
                 submitted: Instant::now(),
+                started: None,
+                ended: None,
+                tokens: 0,
             },
         );
         let ahead = jobs.queue.len() + running;
@@ -309,6 +333,32 @@ impl InferService {
         Ok(())
     }
 
+    /// What each worker of job `id` has written so far, and the final answer once there is
+    /// one (None: no such job).
+    pub fn texts(&self, id: u64) -> Option<(Vec<String>, Option<String>)> {
+        let jobs = lock(&self.inner.jobs);
+        let j = jobs.all.get(&id)?;
+        let mut workers = vec![String::new(); usize::from(j.job.workers)];
+        let mut answer = None;
+        for e in &j.events {
+            match e {
+                InferEvent::Token { worker, text } => {
+                    if let Some(w) = workers.get_mut(usize::from(*worker)) {
+                        w.push_str(text);
+                    }
+                }
+                InferEvent::Answer { text } => answer = Some(text.clone()),
+                _ => {}
+            }
+        }
+        Some((workers, answer))
+    }
+
+    /// Tokens written by every job since the service started.
+    pub fn tokens_total(&self) -> u64 {
+        lock(&self.inner.jobs).tokens_total
+    }
+
     pub fn list(&self) -> Vec<JobSummary> {
         let jobs = lock(&self.inner.jobs);
         let mut out: Vec<JobSummary> = jobs
@@ -331,6 +381,11 @@ impl InferService {
                 },
                 events: j.events.len(),
                 age_s: j.submitted.elapsed().as_secs_f64(),
+                tokens: j.tokens,
+                tokens_per_sec: j.started.map_or(0.0, |t0| {
+                    let end = j.ended.unwrap_or_else(Instant::now);
+                    j.tokens as f64 / end.saturating_duration_since(t0).as_secs_f64().max(1e-3)
+                }),
             })
             .collect();
         out.sort_by_key(|s| s.id);

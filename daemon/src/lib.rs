@@ -11,6 +11,7 @@ pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod dashboard;
 pub mod demo;
 pub mod dht;
 pub mod edit_cli;
@@ -31,6 +32,7 @@ pub mod route_service;
 pub mod storage;
 pub mod swarm;
 pub mod swav_job;
+pub mod telemetry;
 pub mod train;
 pub mod train_cli;
 

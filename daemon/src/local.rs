@@ -21,6 +21,8 @@ pub struct LocalSwarmConfig {
     pub bootstrap_from: usize,
     /// HTTP API address of the first node (the others serve none).
     pub first_http: Option<std::net::SocketAddr>,
+    /// The model the first node serves (the others serve none).
+    pub first_infer: Option<crate::config::InferConfig>,
 }
 
 impl Default for LocalSwarmConfig {
@@ -33,6 +35,7 @@ impl Default for LocalSwarmConfig {
             template,
             bootstrap_from: 3,
             first_http: None,
+            first_infer: None,
         }
     }
 }
@@ -81,6 +84,7 @@ impl LocalSwarm {
         cfg.bootstrap = bootstrap;
         if i == 0 {
             cfg.http = self.config.first_http;
+            cfg.infer = self.config.first_infer.clone();
         }
         Node::start(cfg)
             .await

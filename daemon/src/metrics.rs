@@ -8,6 +8,7 @@ use crate::infer_service::{InferService, JobState};
 use crate::patch_service::PatchService;
 use crate::route_service::RouteService;
 use crate::swarm::actor::{NodeStatus, PeerSummary};
+use crate::telemetry::Telemetry;
 
 /// Builds the exposition text. One `# HELP` and `# TYPE` per metric family.
 #[derive(Debug, Default)]
@@ -75,6 +76,7 @@ pub fn render(
     infer: Option<&InferService>,
     route: Option<&RouteService>,
     patch: Option<&PatchService>,
+    telemetry: &Telemetry,
 ) -> String {
     let mut e = Exposition::default();
     e.single("colony_up", "gauge", "1 while the node runs.", 1.0);
@@ -134,6 +136,7 @@ pub fn render(
             );
         }
     }
+    telemetry_metrics(&mut e, telemetry);
     if let Some(svc) = infer {
         e.family(
             "colony_infer_jobs",
@@ -151,6 +154,21 @@ pub fn render(
             let n = jobs.iter().filter(|j| j.state == state).count();
             e.sample("colony_infer_jobs", &[("state", name)], n as f64);
         }
+        e.single(
+            "colony_infer_tokens_total",
+            "counter",
+            "Tokens written by this node's inference jobs (all Hogwild workers).",
+            svc.tokens_total() as f64,
+        );
+        e.single(
+            "colony_infer_tokens_per_second",
+            "gauge",
+            "Decoding rate of the running jobs, tokens/s (all workers).",
+            jobs.iter()
+                .filter(|j| j.state == JobState::Running)
+                .map(|j| j.tokens_per_sec)
+                .sum(),
+        );
         e.single(
             "colony_infer_queue_limit",
             "gauge",
@@ -202,6 +220,97 @@ pub fn render(
         }
     }
     e.finish()
+}
+
+/// Traffic by protocol, training runs, all-reduce rounds and errors by kind.
+fn telemetry_metrics(e: &mut Exposition, t: &Telemetry) {
+    let traffic = t.traffic.view();
+    for (name, help, pick) in [
+        (
+            "colony_bytes_received_total",
+            "Payload bytes received, by protocol (Kademlia routing, identify and ping not counted).",
+            (|v: &crate::telemetry::TrafficView| v.bytes_in) as fn(&_) -> u64,
+        ),
+        (
+            "colony_bytes_sent_total",
+            "Payload bytes sent, by protocol (Kademlia routing, identify and ping not counted).",
+            |v| v.bytes_out,
+        ),
+        (
+            "colony_messages_received_total",
+            "Messages received, by protocol.",
+            |v| v.messages_in,
+        ),
+        (
+            "colony_messages_sent_total",
+            "Messages sent, by protocol.",
+            |v| v.messages_out,
+        ),
+    ] {
+        e.family(name, "counter", help);
+        for v in &traffic {
+            e.sample(name, &[("protocol", v.protocol)], pick(v) as f64);
+        }
+    }
+    let runs = t.runs(Some(1));
+    for (name, help) in [
+        ("colony_train_epoch", "This node's global step in the run."),
+        (
+            "colony_train_loss",
+            "Mean loss of this node's micro-batches at its last step.",
+        ),
+        (
+            "colony_train_samples_per_second",
+            "This node's training throughput at its last step.",
+        ),
+        (
+            "colony_train_swarm_samples",
+            "Samples the swarm reported at its current epoch (towards the target batch).",
+        ),
+        ("colony_train_target_batch", "Samples per global step."),
+    ] {
+        e.family(name, "gauge", help);
+        for r in &runs {
+            let last = r.history.last();
+            let v = match name {
+                "colony_train_epoch" => r.epoch as f64,
+                "colony_train_loss" => last.and_then(|p| p.loss).map_or(f64::NAN, f64::from),
+                "colony_train_samples_per_second" => last.map_or(0.0, |p| p.samples_per_sec),
+                "colony_train_swarm_samples" => r.swarm.as_ref().map_or(0.0, |s| s.samples as f64),
+                _ => r.target_batch as f64,
+            };
+            e.sample(name, &[("run", &r.run)], v);
+        }
+    }
+    let rounds = t.rounds(usize::MAX);
+    e.single(
+        "colony_allreduce_rounds",
+        "gauge",
+        "All-reduce rounds in the node's recent record (at most 200).",
+        rounds.len() as f64,
+    );
+    if let Some(r) = rounds.last() {
+        e.single(
+            "colony_allreduce_last_round_seconds",
+            "gauge",
+            "Duration of the last all-reduce round this node took part in.",
+            r.seconds,
+        );
+        e.single(
+            "colony_allreduce_last_round_bound_seconds",
+            "gauge",
+            "The leader's predicted duration of that round at the declared bandwidths (its bound).",
+            r.bound_s,
+        );
+    }
+    e.family(
+        "colony_errors_total",
+        "counter",
+        "Errors by kind (failed rounds, skipped steps, failed RPCs, refused jobs).",
+    );
+    for (kind, n) in t.errors() {
+        e.sample("colony_errors_total", &[("kind", &kind)], n as f64);
+    }
 }
 
 #[cfg(test)]

@@ -33,8 +33,26 @@ pub struct Node {
     pub route: Option<crate::route_service::RouteService>,
     /// The patch service, when the node holds an editable model.
     pub patch: Option<crate::patch_service::PatchService>,
+    /// The bearer token the HTTP API asks of requests that change state (None: no API).
+    pub api_token: Option<String>,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
+}
+
+/// The API token kept in the data directory, made (random, 256 bits) the first time.
+fn api_token(data: &DataDir) -> anyhow::Result<String> {
+    let path = data.api_token();
+    match std::fs::read_to_string(&path) {
+        Ok(t) if t.trim().len() >= 16 => return Ok(t.trim().to_string()),
+        Ok(_) => warn!(path = %path.display(), "API token too short; making a new one"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read the API token {}", path.display()));
+        }
+    }
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    crate::storage::write_atomic(&path, token.as_bytes(), 0o600)?;
+    Ok(token)
 }
 
 /// What a running node writes to `node.json` in its data directory, for scripts and tests.
@@ -72,7 +90,8 @@ impl Node {
             .with_context(|| format!("cannot create data directory {}", data.root().display()))?;
         let peer_id = key.public().to_peer_id();
         let signer = identity::signing_key(&key)?;
-        let mut swarm = swarm::build(key, &config)?;
+        let telemetry = std::sync::Arc::new(crate::telemetry::Telemetry::default());
+        let mut swarm = swarm::build(key, &config, &telemetry.traffic)?;
 
         if config.reachability != Reachability::Private {
             for addr in &config.listen {
@@ -97,7 +116,14 @@ impl Node {
 
         let (tx, rx) = mpsc::channel(1024);
         let (gossip_tx, _) = broadcast::channel(1024);
-        let handle = NodeHandle::new(tx, gossip_tx.clone(), peer_id, signer, config.dht.clone());
+        let handle = NodeHandle::new(
+            tx,
+            gossip_tx.clone(),
+            peer_id,
+            signer,
+            config.dht.clone(),
+            telemetry.clone(),
+        );
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
 
@@ -111,7 +137,10 @@ impl Node {
         let actor = SwarmActor::new(
             swarm,
             rx,
-            gossip_tx,
+            crate::swarm::actor::GossipOut {
+                tx: gossip_tx,
+                counters: telemetry.traffic.gossip.clone(),
+            },
             store,
             data.clone(),
             config.services.clone(),
@@ -173,14 +202,24 @@ impl Node {
             }
             None => None,
         };
+        let api_token = match config.http {
+            Some(_) => Some(match &config.api_token {
+                Some(t) => t.clone(),
+                None => api_token(&data)?,
+            }),
+            None => None,
+        };
         let http_addr = match config.http {
             Some(addr) => Some(
                 http::serve(
                     addr,
+                    api_token.clone(),
                     handle.clone(),
-                    infer.clone(),
-                    route.clone(),
-                    patch.clone(),
+                    http::Services {
+                        infer: infer.clone(),
+                        route: route.clone(),
+                        patch: patch.clone(),
+                    },
                     cancel.clone(),
                     &mut tasks,
                 )
@@ -204,6 +243,7 @@ impl Node {
         Ok(Self {
             handle,
             http_addr,
+            api_token,
             infer,
             route,
             patch,

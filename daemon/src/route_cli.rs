@@ -139,15 +139,23 @@ pub fn build(a: BuildArgs) -> anyhow::Result<()> {
         ..Params::with_m(a.m)
     };
     let t = Instant::now();
-    let index = if a.shards == 1 {
-        Hnsw::build(&v.data, v.dim, metric, params)?
+    let part = if a.shards == 1 {
+        v
     } else {
-        let part = v.rows(rows.clone());
-        let keys: Vec<u64> = rows.clone().map(|r| r as u64).collect();
-        let mut h = Hnsw::new(v.dim, metric, params)?;
-        h.insert_many(&part.data, &keys, None)?;
-        h
+        v.rows(rows.clone())
     };
+    let keys: Vec<u64> = rows.map(|r| r as u64).collect();
+    let mut index = Hnsw::new(part.dim, metric, params)?;
+    // In chunks (each inserted in parallel) so that a bar can show the progress; the bar is
+    // drawn only on a terminal.
+    let bar = crate::cli::progress_bar(keys.len() as u64, "vectors indexed");
+    let chunk = (keys.len() / 100).clamp(1000, 50_000);
+    for (i, ks) in keys.chunks(chunk).enumerate() {
+        let start = i * chunk * part.dim;
+        index.insert_many(&part.data[start..start + ks.len() * part.dim], ks, None)?;
+        bar.inc(ks.len() as u64);
+    }
+    bar.finish_and_clear();
     let secs = t.elapsed().as_secs_f64();
     index.save(&a.out)?;
     println!(
@@ -206,6 +214,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         a.budgets,
         a.rounds
     );
+    let bar = crate::cli::progress_bar(a.rounds as u64 + 1, "rounds");
     let trained = train(&index, &cfg, |r| {
         let dev: Vec<String> = r
             .dev
@@ -217,16 +226,20 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
                 )
             })
             .collect();
-        eprintln!(
-            "round {}: {} events, loss {:.3}, accuracy {:.3}; dev recall@1 {}  [{:.0} s]",
-            r.round,
-            r.events,
-            r.loss,
-            r.accuracy,
-            dev.join(", "),
-            r.secs
-        );
+        bar.suspend(|| {
+            eprintln!(
+                "round {}: {} events, loss {:.3}, accuracy {:.3}; dev recall@1 {}  [{:.0} s]",
+                r.round,
+                r.events,
+                r.loss,
+                r.accuracy,
+                dev.join(", "),
+                r.secs
+            )
+        });
+        bar.inc(1);
     })?;
+    bar.finish_and_clear();
     eprintln!("kept round {} (best on the dev queries)", trained.round);
     trained.routing.save(&index, &a.out)?;
     println!("routing vectors written to {}", a.out.display());

@@ -285,6 +285,44 @@ fn replicas(entries: &[DhtEntry], index: &str, shard: u32) -> Vec<(PeerId, Shard
         .collect()
 }
 
+/// One shard of an index as the DHT announces it: its replicas and their vector counts.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShardReplicas {
+    pub index: String,
+    pub shard: u32,
+    pub shards: u32,
+    /// (peer, vectors) of each node that announces the shard.
+    pub replicas: Vec<(String, u64)>,
+}
+
+/// Every shard of `index` with the nodes that announce it (one DHT read per shard).
+pub async fn shard_map(handle: &NodeHandle, index: &str) -> anyhow::Result<Vec<ShardReplicas>> {
+    let key0 = DhtKey::route_shard(index, 0)?;
+    let reps0 = replicas(&handle.dht_get(&key0).await?.entries, index, 0);
+    let Some(shards) = most_common(reps0.iter().map(|(_, r)| r.shards)) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for shard in 0..shards {
+        let reps = if shard == 0 {
+            reps0.clone()
+        } else {
+            let key = DhtKey::route_shard(index, shard)?;
+            replicas(&handle.dht_get(&key).await?.entries, index, shard)
+        };
+        out.push(ShardReplicas {
+            index: index.to_string(),
+            shard,
+            shards,
+            replicas: reps
+                .into_iter()
+                .map(|(p, r)| (p.to_string(), r.vectors))
+                .collect(),
+        });
+    }
+    Ok(out)
+}
+
 /// Fans `q` out to one replica of every shard of its index and merges the answers (see the
 /// module docs). `local`: this node's own shards, searched in place.
 pub async fn query(
@@ -302,6 +340,7 @@ pub async fn query(
         label: q.label,
     };
     probe.validate().map_err(anyhow::Error::msg)?;
+    handle.telemetry().index_used(&q.index);
     let key0 = DhtKey::route_shard(&q.index, 0)
         .map_err(|e| anyhow::anyhow!("index name {:?}: {e}", q.index))?;
     let first = handle.dht_get(&key0).await?.entries;

@@ -54,6 +54,10 @@ impl DataDir {
     pub fn root(&self) -> &Path {
         &self.root
     }
+    /// The bearer token of the HTTP API's state-changing requests (hex, mode 0600).
+    pub fn api_token(&self) -> PathBuf {
+        self.root.join("api-token")
+    }
     /// The node's libp2p/ed25519 key (protobuf encoding, mode 0600).
     pub fn node_key(&self) -> PathBuf {
         self.root.join("node.key")

@@ -282,6 +282,8 @@ pub async fn train<Batch: Send + 'static>(
     }
     let mm_owned = Matchmaker::new(h.clone(), run).await?;
     let mm = &mm_owned;
+    h.telemetry()
+        .run_started(run, cfg.target_batch, cfg.client, trainer.epoch());
 
     // This peer's bandwidth: probed in the background once others are seen (and again when
     // a round runs far slower than planned), kept up by every round's transfers.
@@ -405,6 +407,29 @@ pub async fn train<Batch: Send + 'static>(
                     ready_at_ms: ready_at,
                 });
                 let view = GlobalView::of(&view_records, now);
+                h.telemetry().run_progress(
+                    run,
+                    epoch,
+                    view.as_ref().map(|v| crate::telemetry::SwarmProgress {
+                        epoch: v.epoch,
+                        samples: v.samples,
+                        estimated: v.estimated,
+                        samples_per_sec: v.samples_per_sec,
+                        peers: v.peers,
+                        members: view_records
+                            .iter()
+                            .map(|r| crate::telemetry::RunPeer {
+                                peer: libp2p::PeerId::from_bytes(&r.peer)
+                                    .map_or_else(|_| hex::encode(&r.peer), |p| p.to_string()),
+                                epoch: r.epoch,
+                                samples: r.samples,
+                                samples_per_sec: r.samples_per_sec,
+                                client: r.client,
+                                age_ms: now.saturating_sub(r.time_ms),
+                            })
+                            .collect(),
+                    }),
+                );
                 decide(
                     epoch,
                     view.as_ref(),
@@ -528,11 +553,17 @@ pub async fn train<Batch: Send + 'static>(
                                 bytes,
                                 "caught up by state download"
                             );
-                            summary.events.push(StepEvent::Downloaded {
-                                epoch: got,
-                                donors,
-                                bytes,
-                            });
+                            note(
+                                h,
+                                run,
+                                summary,
+                                sps,
+                                StepEvent::Downloaded {
+                                    epoch: got,
+                                    donors,
+                                    bytes,
+                                },
+                            );
                             publish_state(served, trainer.as_ref());
                             ready_at = None;
                             micro = 0;
@@ -704,7 +735,7 @@ pub async fn train<Batch: Send + 'static>(
                     match outcome {
                         Ok(ev) => {
                             tracing::info!(run, ?ev, "global step");
-                            summary.events.push(ev);
+                            note(h, run, summary, sps, ev);
                             ready_at = None;
                             failed_start = None;
                             // With delayed updates the next step has begun already.
@@ -721,7 +752,7 @@ pub async fn train<Batch: Send + 'static>(
                         }
                         Err(why) => {
                             tracing::warn!(run, epoch, "no step: {why}");
-                            summary.events.push(StepEvent::Skipped { epoch, why });
+                            note(h, run, summary, sps, StepEvent::Skipped { epoch, why });
                             failed_start = Some((epoch, start_ms));
                             ready_at = None;
                             // Give the swarm time to publish its next epoch before retrying.
@@ -737,6 +768,7 @@ pub async fn train<Batch: Send + 'static>(
 
     tracker_stop.cancel();
     let _ = tracker.await;
+    h.telemetry().run_stopped(run);
 
     mm_owned.close().await;
     if !cfg.client {
@@ -749,6 +781,66 @@ pub async fn train<Batch: Send + 'static>(
     summary_owned.final_epoch = trainer.epoch();
     summary_owned.finished_ms = now_ms();
     Ok((trainer, summary_owned))
+}
+
+/// Keeps `ev` in the summary and in the node's telemetry (the API and the dashboard).
+fn note(h: &NodeHandle, run: &str, summary: &mut TrainSummary, sps: f64, ev: StepEvent) {
+    use crate::telemetry::StepPoint;
+    let t_ms = now_ms();
+    let base = |epoch, kind| StepPoint {
+        t_ms,
+        epoch,
+        kind,
+        loss: None,
+        samples_per_sec: sps,
+        peers: 1,
+        samples: 0.0,
+        seconds: 0.0,
+        why: None,
+    };
+    let finite = |l: f32| l.is_finite().then_some(l);
+    let point = match &ev {
+        StepEvent::Averaged {
+            epoch,
+            peers,
+            samples,
+            loss,
+            seconds,
+            ..
+        } => StepPoint {
+            loss: finite(*loss),
+            peers: *peers,
+            samples: *samples,
+            seconds: *seconds,
+            ..base(*epoch, "averaged")
+        },
+        StepEvent::Alone { epoch, loss, .. } => StepPoint {
+            loss: finite(*loss),
+            ..base(*epoch, "alone")
+        },
+        StepEvent::Downloaded { epoch, donors, .. } => StepPoint {
+            peers: *donors,
+            ..base(*epoch, "downloaded")
+        },
+        StepEvent::Skipped { epoch, why } => {
+            let kind = if why.starts_with("all-reduce failed") {
+                "train_allreduce_failed"
+            } else if why.starts_with("matchmaking failed") {
+                "train_matchmaking_failed"
+            } else if why.starts_with("left out") {
+                "train_left_out_of_group"
+            } else {
+                "train_step_skipped"
+            };
+            h.telemetry().error(kind);
+            StepPoint {
+                why: Some(why.clone()),
+                ..base(*epoch, "skipped")
+            }
+        }
+    };
+    h.telemetry().run_step(run, point);
+    summary.events.push(ev);
 }
 
 /// Micro-batches of the next step computed during a delayed update.

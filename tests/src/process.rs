@@ -117,6 +117,13 @@ impl NodeProcess {
     }
 
     /// The node's HTTP API base URL.
+    /// The token the node's API asks of requests that change state.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("api-token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default()
+    }
+
     pub fn api(&self) -> String {
         format!(
             "http://{}",

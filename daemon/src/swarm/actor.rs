@@ -70,6 +70,13 @@ pub struct NodeStatus {
     pub services: Vec<String>,
 }
 
+/// Where the actor delivers gossip: the subscribers' channel, and the byte counters.
+#[derive(Debug)]
+pub struct GossipOut {
+    pub tx: broadcast::Sender<GossipMessage>,
+    pub counters: std::sync::Arc<crate::telemetry::Counters>,
+}
+
 /// A gossip message delivered to subscribers.
 #[derive(Clone, Debug)]
 pub struct GossipMessage {
@@ -259,6 +266,7 @@ pub struct SwarmActor {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     gossip_tx: broadcast::Sender<GossipMessage>,
+    gossip_counters: std::sync::Arc<crate::telemetry::Counters>,
     store: LocalStore,
     penalties: Penalties,
     pending_rpc:
@@ -294,12 +302,16 @@ impl SwarmActor {
     pub fn new(
         swarm: Swarm<Behaviour>,
         commands: mpsc::Receiver<Command>,
-        gossip_tx: broadcast::Sender<GossipMessage>,
+        gossip: GossipOut,
         store: LocalStore,
         data_dir: DataDir,
         services: Vec<String>,
         relays: Vec<Multiaddr>,
     ) -> Self {
+        let GossipOut {
+            tx: gossip_tx,
+            counters: gossip_counters,
+        } = gossip;
         let relays = relays
             .into_iter()
             .map(|r| RelayListen {
@@ -312,6 +324,7 @@ impl SwarmActor {
             swarm,
             commands,
             gossip_tx,
+            gossip_counters,
             store,
             penalties: Penalties::default(),
             pending_rpc: HashMap::new(),
@@ -540,12 +553,13 @@ impl SwarmActor {
             }
             Command::Publish { topic, data, reply } => {
                 let t = gossipsub::IdentTopic::new(topic);
+                let len = data.len();
                 let r = self
                     .swarm
                     .behaviour_mut()
                     .gossip
                     .publish(t, data)
-                    .map(|_| ())
+                    .map(|_| self.gossip_counters.sent(len))
                     .map_err(|e| e.to_string());
                 let _ = reply.send(r);
             }
@@ -833,6 +847,7 @@ impl SwarmActor {
             }
             BehaviourEvent::Ping(_) => {}
             BehaviourEvent::Gossip(gossipsub::Event::Message { message, .. }) => {
+                self.gossip_counters.received(message.data.len());
                 let _ = self.gossip_tx.send(GossipMessage {
                     topic: message.topic.into_string(),
                     source: message.source,

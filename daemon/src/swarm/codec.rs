@@ -10,6 +10,9 @@ use std::io;
 use std::time::Duration;
 
 use std::marker::PhantomData;
+use std::sync::Arc;
+
+use crate::telemetry::Counters;
 
 use colony_protocol::allreduce::{PartAck, PartMessage};
 use colony_protocol::names::{ALLREDUCE_PROTOCOL, MAX_PART_BYTES, MAX_RPC_BYTES, RPC_PROTOCOL};
@@ -60,19 +63,22 @@ pub struct Codec<Req, Resp> {
     /// How long a stream may go without a byte (and the base of the whole message's
     /// allowance, see [`read_bounded`]).
     pub read_timeout: Duration,
+    /// Payload bytes read and written (the node's [`crate::telemetry::Traffic`]).
+    counters: Arc<Counters>,
     _messages: PhantomData<fn() -> (Req, Resp)>,
 }
 
 impl<Req, Resp> Clone for Codec<Req, Resp> {
     fn clone(&self) -> Self {
-        Self::new(self.read_timeout)
+        Self::new(self.read_timeout, self.counters.clone())
     }
 }
 
 impl<Req, Resp> Codec<Req, Resp> {
-    pub fn new(read_timeout: Duration) -> Self {
+    pub fn new(read_timeout: Duration, counters: Arc<Counters>) -> Self {
         Self {
             read_timeout,
+            counters,
             _messages: PhantomData,
         }
     }
@@ -143,24 +149,30 @@ async fn read_bounded<T: AsyncRead + Unpin + Send>(
 }
 
 fn decode<T>(
+    counters: &Counters,
     read: Read,
     f: impl FnOnce(&[u8]) -> Result<T, colony_protocol::CodecError>,
 ) -> Wire<T> {
     match read {
         Read::Invalid(why) => Wire::Invalid(why),
-        Read::Bytes(b) => match f(&b) {
-            Ok(v) => Wire::Valid(v),
-            Err(e) => Wire::Invalid(e.to_string()),
-        },
+        Read::Bytes(b) => {
+            counters.received(b.len());
+            match f(&b) {
+                Ok(v) => Wire::Valid(v),
+                Err(e) => Wire::Invalid(e.to_string()),
+            }
+        }
     }
 }
 
 async fn write<T: AsyncWrite + Unpin + Send>(
+    counters: &Counters,
     io: &mut T,
     bytes: Result<Vec<u8>, colony_protocol::CodecError>,
 ) -> io::Result<()> {
     let bytes = bytes.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     io.write_all(&bytes).await?;
+    counters.sent(bytes.len());
     io.close().await
 }
 
@@ -181,6 +193,7 @@ impl<Req: WireMessage, Resp: WireMessage> libp2p::request_response::Codec for Co
         T: AsyncRead + Unpin + Send,
     {
         Ok(decode(
+            &self.counters,
             read_bounded(io, self.read_timeout, Req::LIMIT).await?,
             Req::decode,
         ))
@@ -191,6 +204,7 @@ impl<Req: WireMessage, Resp: WireMessage> libp2p::request_response::Codec for Co
         T: AsyncRead + Unpin + Send,
     {
         Ok(decode(
+            &self.counters,
             read_bounded(io, self.read_timeout, Resp::LIMIT).await?,
             Resp::decode,
         ))
@@ -206,7 +220,7 @@ impl<Req: WireMessage, Resp: WireMessage> libp2p::request_response::Codec for Co
         T: AsyncWrite + Unpin + Send,
     {
         match req {
-            Wire::Valid(r) => write(io, r.encode()).await,
+            Wire::Valid(r) => write(&self.counters, io, r.encode()).await,
             Wire::Invalid(_) => Err(not_sendable()),
         }
     }
@@ -221,7 +235,7 @@ impl<Req: WireMessage, Resp: WireMessage> libp2p::request_response::Codec for Co
         T: AsyncWrite + Unpin + Send,
     {
         match res {
-            Wire::Valid(r) => write(io, r.encode()).await,
+            Wire::Valid(r) => write(&self.counters, io, r.encode()).await,
             Wire::Invalid(_) => Err(not_sendable()),
         }
     }

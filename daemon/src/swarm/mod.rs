@@ -20,6 +20,7 @@ use libp2p::{
 };
 
 use crate::config::{NodeConfig, Reachability};
+use crate::telemetry::Traffic;
 use codec::{PartCodec, RpcCodec};
 
 pub const AGENT: &str = concat!("colony/", env!("CARGO_PKG_VERSION"));
@@ -43,7 +44,11 @@ pub struct Behaviour {
 
 /// Builds the swarm for `config` with identity `key`: QUIC and TCP+Noise+Yamux, DNS, and a
 /// relay-client transport.
-pub fn build(key: Keypair, config: &NodeConfig) -> anyhow::Result<Swarm<Behaviour>> {
+pub fn build(
+    key: Keypair,
+    config: &NodeConfig,
+    traffic: &Traffic,
+) -> anyhow::Result<Swarm<Behaviour>> {
     let limits = &config.limits;
     let idle = Duration::from_secs(limits.idle_connection_timeout_s);
     let swarm = SwarmBuilder::with_existing_identity(key)
@@ -59,7 +64,7 @@ pub fn build(key: Keypair, config: &NodeConfig) -> anyhow::Result<Swarm<Behaviou
         .context("cannot set up DNS resolution")?
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .context("cannot set up the relay client transport")?
-        .with_behaviour(|key, relay_client| behaviour(key, relay_client, config))
+        .with_behaviour(|key, relay_client| behaviour(key, relay_client, config, traffic))
         .map_err(|e| anyhow::anyhow!("cannot build the network behaviour: {e}"))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .build();
@@ -70,6 +75,7 @@ fn behaviour(
     key: &Keypair,
     relay_client: relay::client::Behaviour,
     config: &NodeConfig,
+    traffic: &Traffic,
 ) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
     let peer_id = key.public().to_peer_id();
 
@@ -97,7 +103,7 @@ fn behaviour(
     // gets the time a largest message needs at that rate.
     let read_timeout = config.dht.rpc_timeout().mul_f32(0.8);
     let rpc = request_response::Behaviour::with_codec(
-        RpcCodec::new(read_timeout),
+        RpcCodec::new(read_timeout, traffic.rpc.clone()),
         [(codec::PROTOCOL, request_response::ProtocolSupport::Full)],
         request_response::Config::default()
             .with_request_timeout(
@@ -109,7 +115,7 @@ fn behaviour(
     // All-reduce parts: many in flight per connection (pipelining), a generous timeout for
     // megabytes on slow links.
     let parts = request_response::Behaviour::with_codec(
-        PartCodec::new(Duration::from_secs(60)),
+        PartCodec::new(Duration::from_secs(60), traffic.allreduce.clone()),
         [(
             codec::PART_PROTOCOL,
             request_response::ProtocolSupport::Full,

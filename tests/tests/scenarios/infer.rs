@@ -225,12 +225,23 @@ async fn colony_node_serves_chat_completions_streamed_and_not_with_a_bounded_que
     let mut node = NodeProcess::start(&dir.path().join("n0"), &args, None).unwrap();
     let api = node.api();
     let client = reqwest::Client::new();
+    let token = node.token();
     let post = |body: Value| {
         client
             .post(format!("{api}/v1/chat/completions"))
+            .bearer_auth(&token)
             .json(&body)
             .send()
     };
+    // Without the API key (the node's token) a completion is refused, with the reason.
+    let r = client
+        .post(format!("{api}/v1/chat/completions"))
+        .json(&json!({ "messages": [{ "role": "user", "content": "hi" }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("api-token"));
 
     let models: Value = client
         .get(format!("{api}/v1/models"))
@@ -360,6 +371,7 @@ async fn colony_node_serves_chat_completions_streamed_and_not_with_a_bounded_que
     assert_eq!(refused.status(), 429);
     let cancel = client
         .delete(format!("{api}/api/infer/jobs/3"))
+        .bearer_auth(&token)
         .send()
         .await
         .unwrap();

@@ -8,9 +8,12 @@ use colony_tests::process::{NodeProcess, colony_cli};
 use colony_tests::wait_for;
 use serde_json::Value;
 
+/// The API token of every node here (set in their config file).
+const TOKEN: &str = "netns-relay-test-token";
+
 fn cli_json(ns: &str, args: &[&str]) -> anyhow::Result<Value> {
     let mut a = args.to_vec();
-    a.extend(["--json", "--api", "http://127.0.0.1:8700"]);
+    a.extend(["--json", "--api", "http://127.0.0.1:8700", "--token", TOKEN]);
     Ok(serde_json::from_str(&colony_cli(&a, Some(ns))?)?)
 }
 
@@ -28,7 +31,7 @@ async fn private_node_is_reached_through_a_relay() {
     let cfg = dir.path().join("node.toml");
     std::fs::write(
         &cfg,
-        "[dht]\nannounce_interval_s = 2\nrpc_timeout_ms = 3000\n",
+        format!("api_token = \"{TOKEN}\"\n[dht]\nannounce_interval_s = 2\nrpc_timeout_ms = 3000\n"),
     )
     .unwrap();
     let cfg = cfg.to_str().unwrap().to_owned();
@@ -154,6 +157,8 @@ async fn private_node_is_reached_through_a_relay() {
             "hello-from-c",
             "--api",
             "http://127.0.0.1:8700",
+            "--token",
+            TOKEN,
         ],
         Some(&c.ns),
     )
@@ -168,6 +173,8 @@ async fn private_node_is_reached_through_a_relay() {
             "hello-from-b",
             "--api",
             "http://127.0.0.1:8700",
+            "--token",
+            TOKEN,
         ],
         Some(&b.ns),
     )

@@ -79,9 +79,11 @@ async fn a_swarm_adopts_good_patches_refuses_bad_ones_and_agrees_on_concurrent_o
     // 1. A good patch, requested through node 0's HTTP API.
     let api = format!("http://{}", swarm.nodes[0].http_addr.unwrap());
     let http = reqwest::Client::new();
+    let token = swarm.nodes[0].api_token.clone().unwrap();
     let target = (te.labels[3] as u32 + 1) % 10;
     let r = http
         .post(format!("{api}/api/patch/submit"))
+        .bearer_auth(&token)
         .json(&SubmitRequest {
             sample: None,
             control_index: Some(3),
@@ -109,6 +111,7 @@ async fn a_swarm_adopts_good_patches_refuses_bad_ones_and_agrees_on_concurrent_o
     // Bad requests get named errors.
     let r = http
         .post(format!("{api}/api/patch/submit"))
+        .bearer_auth(&token)
         .json(&SubmitRequest {
             sample: Some(vec![0.5; 3]),
             control_index: None,
@@ -121,6 +124,7 @@ async fn a_swarm_adopts_good_patches_refuses_bad_ones_and_agrees_on_concurrent_o
     assert!(r.text().await.unwrap().contains("64"));
     let r = http
         .post(format!("{api}/api/patch/submit"))
+        .bearer_auth(&token)
         .json(&SubmitRequest {
             sample: None,
             control_index: Some(3),

@@ -84,18 +84,31 @@ async fn five_processes_survive_two_kill9_and_restart() {
         let p = &nodes[i % 5];
         if i % 2 == 0 {
             let out = colony_cli(
-                &["dht", "put", k, &format!("v{i}"), "--api", &p.api()],
+                &[
+                    "dht",
+                    "put",
+                    k,
+                    &format!("v{i}"),
+                    "--api",
+                    &p.api(),
+                    "--data-dir",
+                    p.data_dir.to_str().unwrap(),
+                ],
                 None,
             )
             .unwrap();
             assert!(out.contains("stored"), "{out}");
         } else {
-            let r = reqwest::Client::new()
-                .put(format!("{}/api/dht/{k}", p.api()))
-                .json(&serde_json::json!({ "value": format!("v{i}"), "subkey": "s", "ttl_s": 300 }))
-                .send()
-                .await
-                .unwrap();
+            let put = || {
+                reqwest::Client::new()
+                    .put(format!("{}/api/dht/{k}", p.api()))
+                    .json(&serde_json::json!({ "value": format!("v{i}"), "subkey": "s", "ttl_s": 300 }))
+            };
+            let r = put().send().await.unwrap();
+            assert_eq!(r.status(), 401, "a write without the token is refused");
+            let r = put().bearer_auth("not-the-token").send().await.unwrap();
+            assert_eq!(r.status(), 401);
+            let r = put().bearer_auth(p.token()).send().await.unwrap();
             assert!(r.status().is_success());
         }
     }
@@ -222,6 +235,12 @@ fn demo_runs_end_to_end() {
     assert_eq!(v["patching"]["adopted_everywhere"], 3, "patch jobs: {v}");
     assert_eq!(v["patching"]["same_version"], true, "{v}");
     assert_eq!(v["patching"]["bad_patch_refused"], true, "{v}");
+    // Hogwild! inference over peer RPC (SmolLM2 from scripts/fetch-data.sh): three workers,
+    // each of which wrote.
+    let texts = v["hogwild"]["worker_texts"].as_array().unwrap();
+    assert_eq!(texts.len(), 3, "{v}");
+    assert!(texts.iter().all(|t| !t.as_str().unwrap().is_empty()), "{v}");
+    assert!(v["hogwild"]["tokens"].as_u64().unwrap() >= 3, "{v}");
     for row in v["ping_rtt_ms"].as_array().unwrap() {
         assert_eq!(
             row.as_array()
@@ -296,6 +315,8 @@ async fn the_patch_cli_workflow_runs_against_two_processes() {
             "submit",
             "--api",
             &api_a,
+            "--data-dir",
+            a.data_dir.to_str().unwrap(),
             "--control-index",
             "3",
             "--target",
@@ -345,6 +366,8 @@ async fn the_patch_cli_workflow_runs_against_two_processes() {
             "submit",
             "--api",
             &api_a,
+            "--data-dir",
+            a.data_dir.to_str().unwrap(),
             "--control-index",
             "3",
             "--target",

@@ -494,3 +494,179 @@ async fn delayed_updates_overlap_the_all_reduce_and_peers_stay_identical() {
     let after = held_out_loss(&job, &mut results[0].0);
     assert!(after < before - 0.3, "held-out loss {before} -> {after}");
 }
+
+/// The dashboard's API against a live three-node run: node 0's `/api/runs`, `/api/runs/{run}`,
+/// `/api/allreduce/rounds`, `/api/traffic`, `/api/snapshot`, `/api/events` (Server-Sent
+/// Events) and `/metrics` show the steps, the rounds against their bound and the bytes the
+/// run moved; the page and its assets are served; writes without the token are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dashboard_api_shows_a_live_training_run() {
+    use serde_json::Value;
+    colony_tests::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let swarm = LocalSwarm::start(
+        dir.path(),
+        LocalSwarmConfig {
+            nodes: 3,
+            first_http: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    swarm
+        .wait_for_routing(2, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let api = format!("http://{}", swarm.nodes[0].http_addr.unwrap());
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let url = format!("{api}{path}");
+        let http = http.clone();
+        async move {
+            let r = http.get(&url).send().await.unwrap();
+            assert!(r.status().is_success(), "{url}: {}", r.status());
+            r
+        }
+    };
+
+    // Before any run: no runs, and the events stream opens with a snapshot at once.
+    let runs: Value = get("/api/runs").await.json().await.unwrap();
+    assert_eq!(runs, serde_json::json!([]));
+    let mut sse = get("/api/events?every_ms=500").await;
+    assert_eq!(
+        sse.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), sse.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let event = text.split("\n\n").next().unwrap();
+    assert!(event.starts_with("event: snapshot\n"), "{event}");
+    let data: String = event
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    let snap: Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(snap["peers"].as_array().unwrap().len(), 2, "{snap}");
+    drop(sse);
+    let r = http
+        .get(format!("{api}/api/events?every_ms=5"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    let stop = CancellationToken::new();
+    let runs: Vec<_> = swarm
+        .nodes
+        .iter()
+        .map(|n| spawn_peer(n, &job, config(3, None), stop.clone()))
+        .collect();
+    let results = finish(runs).await;
+    assert!(averaged(&results[0].1.events) >= 2, "{:?}", results[0].1);
+
+    let runs: Value = get("/api/runs?points=2").await.json().await.unwrap();
+    assert_eq!(runs.as_array().unwrap().len(), 1, "{runs}");
+    let run = &runs[0];
+    assert_eq!(run["run"], "fortunes");
+    assert_eq!(run["epoch"], 3);
+    assert_eq!(run["active"], false);
+    assert_eq!(run["target_batch"], 48);
+    assert_eq!(run["history"].as_array().unwrap().len(), 2, "points=2");
+    assert_eq!(
+        run["swarm"]["members"].as_array().unwrap().len(),
+        3,
+        "{run}"
+    );
+    let full: Value = get("/api/runs/fortunes").await.json().await.unwrap();
+    let steps = full["history"].as_array().unwrap();
+    let avg: Vec<&Value> = steps.iter().filter(|p| p["kind"] == "averaged").collect();
+    assert_eq!(avg.len(), averaged(&results[0].1.events), "{full}");
+    for p in &avg {
+        assert!(p["loss"].as_f64().unwrap() > 0.0, "{p}");
+        assert!(p["peers"].as_u64().unwrap() >= 2, "{p}");
+    }
+    let r = http
+        .get(format!("{api}/api/runs/no-such-run"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    let rounds: Value = get("/api/allreduce/rounds").await.json().await.unwrap();
+    let rounds = rounds.as_array().unwrap();
+    assert!(rounds.len() >= avg.len(), "{rounds:?}");
+    let ok: Vec<&Value> = rounds.iter().filter(|r| r["ok"] == true).collect();
+    assert!(!ok.is_empty());
+    for r in &ok {
+        assert!(r["seconds"].as_f64().unwrap() > 0.0);
+        assert!(r["bound_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["bytes_sent"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["members"].as_array().unwrap().len() >= 2);
+    }
+    let traffic: Value = get("/api/traffic").await.json().await.unwrap();
+    let allreduce = traffic["protocols"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["protocol"] == "allreduce")
+        .unwrap();
+    assert!(allreduce["bytes_out"].as_u64().unwrap() > 0, "{traffic}");
+
+    let metrics = get("/metrics").await.text().await.unwrap();
+    for needle in [
+        "colony_bytes_sent_total{protocol=\"allreduce\"}",
+        "colony_bytes_received_total{protocol=\"rpc\"}",
+        "colony_train_epoch{run=\"fortunes\"} 3",
+        "colony_train_target_batch{run=\"fortunes\"} 48",
+        "colony_allreduce_last_round_bound_seconds",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
+    }
+
+    let snap: Value = get("/api/snapshot").await.json().await.unwrap();
+    assert_eq!(snap["runs"][0]["run"], "fortunes");
+    assert!(!snap["rounds"].as_array().unwrap().is_empty());
+
+    // The page and its assets, compiled in.
+    let page = get("/").await.text().await.unwrap();
+    assert!(page.contains("/assets/uPlot.iife.min.js"), "{page}");
+    let js = get("/assets/dashboard.js").await.text().await.unwrap();
+    assert!(js.contains("EventSource(\"/api/events\")"));
+    get("/assets/uPlot.iife.min.js").await;
+    let r = http
+        .get(format!("{api}/assets/nothing.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // Reads are open; writes need the node's token.
+    let r = http
+        .put(format!("{api}/api/dht/some-key"))
+        .json(&serde_json::json!({ "value": "v", "subkey": "s", "ttl_s": 60 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let token = swarm.nodes[0].api_token.clone().unwrap();
+    let on_disk = std::fs::read_to_string(dir.path().join("node-0/api-token")).unwrap();
+    assert_eq!(token, on_disk.trim());
+    let r = http
+        .put(format!("{api}/api/dht/some-key"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "value": "v", "subkey": "s", "ttl_s": 60 }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    swarm.shutdown().await;
+}
