@@ -10,6 +10,7 @@ const bytes = (n) => {
   while (n >= 1000 && i < u.length - 1) { n /= 1000; i++; }
   return (i === 0 ? n : n.toFixed(1)) + " " + u[i];
 };
+const rate = (bps) => (bps === null || bps === undefined ? "–" : bytes(bps) + "/s");
 const num = (x, d = 2) => (x === null || x === undefined || Number.isNaN(x) ? "–" : Number(x).toFixed(d));
 const ago = (ms) => {
   const s = Math.max(0, (Date.now() - ms) / 1000);
@@ -84,12 +85,15 @@ function renderSwarm(s) {
     const reach = p.relayed ? "relayed" : "direct";
     const who = cell(short(p.peer_id), "mono");
     who.title = p.peer_id;
+    const bw = s.bandwidth.peers[p.peer_id];
     return [who, role, reach, p.rtt_ms == null ? "–" : num(p.rtt_ms, 1) + " ms",
+      bw ? `${rate(bw.to_bps)} / ${rate(bw.from_bps)}` : "–",
       cell((offers.get(p.peer_id) || []).join("; "), "wrap"), p.agent || "", p.strikes];
   });
   fillTable("peers-table", rows);
+  const b = s.bandwidth;
   $("swarm-facts").textContent =
-    `${s.peers.length} connected · ${s.status.routing_table_peers} in the routing table · ` +
+    `this node: ↑ ${rate(b.up_bps)} ↓ ${rate(b.down_bps)} (measured) · ${s.peers.length} connected · ${s.status.routing_table_peers} in the routing table · ` +
     `${s.status.dht_entries} DHT entries here · ${s.status.banned_peers.length} banned · ` +
     `${s.status.offences} offences seen`;
 }

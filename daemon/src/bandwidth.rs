@@ -208,6 +208,29 @@ impl Monitor {
         }
     }
 
+    /// The estimates, for the API and the dashboard.
+    pub fn view(&self) -> crate::telemetry::BandwidthView {
+        let finite = |x: Option<f64>| x.filter(|v| v.is_finite());
+        crate::telemetry::BandwidthView {
+            up_bps: finite(self.up.get()),
+            down_bps: finite(self.down.get()),
+            peers: self
+                .peers
+                .iter()
+                .map(|(p, r)| {
+                    (
+                        p.to_string(),
+                        crate::telemetry::PeerBandwidth {
+                            to_bps: finite(r.to.get()),
+                            from_bps: finite(r.from.get()),
+                            rounds: r.rounds,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
     /// Rates seen with `peer`, if any round exchanged enough data with it.
     pub fn peer(&self, peer: &PeerId) -> Option<PeerRate> {
         self.peers.get(peer).copied()

@@ -69,6 +69,8 @@ pub struct Snapshot {
     pub rounds: Vec<RoundView>,
     pub traffic: Vec<TrafficView>,
     pub errors: BTreeMap<String, u64>,
+    /// This node's measured bandwidth and the rates seen with each peer.
+    pub bandwidth: crate::telemetry::BandwidthView,
     pub infer: Option<InferView>,
     /// Shards this node serves.
     pub local_shards: Vec<colony_protocol::route::ShardRecord>,
@@ -169,6 +171,7 @@ impl Dashboard {
             rounds: t.rounds(SNAPSHOT_ROUNDS),
             traffic: t.traffic.view(),
             errors: t.errors(),
+            bandwidth: t.bandwidth(),
             infer,
             shard_map: self.shard_map(&local_shards).await,
             local_shards,

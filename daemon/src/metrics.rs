@@ -282,6 +282,21 @@ fn telemetry_metrics(e: &mut Exposition, t: &Telemetry) {
             e.sample(name, &[("run", &r.run)], v);
         }
     }
+    let bw = t.bandwidth();
+    e.family(
+        "colony_bandwidth_bytes_per_second",
+        "gauge",
+        "This node's measured bandwidth (probes and all-reduce rounds), by direction.",
+    );
+    for (dir, v) in [("up", bw.up_bps), ("down", bw.down_bps)] {
+        if let Some(v) = v {
+            e.sample(
+                "colony_bandwidth_bytes_per_second",
+                &[("direction", dir)],
+                v,
+            );
+        }
+    }
     let rounds = t.rounds(usize::MAX);
     e.single(
         "colony_allreduce_rounds",

@@ -80,6 +80,24 @@ impl Traffic {
     }
 }
 
+/// This node's bandwidth estimates and the rates seen with each peer in all-reduce rounds
+/// (bytes/s; None: not measured yet).
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct BandwidthView {
+    pub up_bps: Option<f64>,
+    pub down_bps: Option<f64>,
+    pub peers: BTreeMap<String, PeerBandwidth>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct PeerBandwidth {
+    /// What the peer acknowledged from this node.
+    pub to_bps: Option<f64>,
+    /// What it delivered to this node.
+    pub from_bps: Option<f64>,
+    pub rounds: u64,
+}
+
 /// One global step of a run as this node saw it.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct StepPoint {
@@ -165,6 +183,7 @@ struct State {
     rounds: VecDeque<RoundView>,
     errors: BTreeMap<String, u64>,
     indexes: std::collections::BTreeSet<String>,
+    bandwidth: BandwidthView,
 }
 
 struct RunState {
@@ -266,6 +285,14 @@ impl Telemetry {
             s.rounds.pop_front();
         }
         s.rounds.push_back(round);
+    }
+
+    pub fn set_bandwidth(&self, b: BandwidthView) {
+        self.lock().bandwidth = b;
+    }
+
+    pub fn bandwidth(&self) -> BandwidthView {
+        self.lock().bandwidth.clone()
     }
 
     /// Shows `svc` on the dashboard of a node that was started without it.

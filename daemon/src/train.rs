@@ -376,7 +376,9 @@ pub async fn train<Batch: Send + 'static>(
                             () = quit.cancelled() => {}
                             (up, down) = measure => {
                                 tracing::info!(up, down, "probed this peer's bandwidth (bytes/s)");
-                                lock(&bw).after_probe(up, down, tokio::time::Instant::now());
+                                let mut m = lock(&bw);
+                                m.after_probe(up, down, tokio::time::Instant::now());
+                                h.telemetry().set_bandwidth(m.view());
                             }
                         }
                     });
@@ -684,7 +686,9 @@ pub async fn train<Batch: Send + 'static>(
                                 round.await
                             };
                             let report = report.map(|(r, moved)| {
-                                lock(&bw).observe_round(&moved);
+                                let mut m = lock(&bw);
+                                m.observe_round(&moved);
+                                h.telemetry().set_bandwidth(m.view());
                                 r
                             });
                             let overlapped = carry.map_or(0, |c| c.micro);

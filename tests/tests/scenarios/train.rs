@@ -635,6 +635,11 @@ async fn the_dashboard_api_shows_a_live_training_run() {
     let snap: Value = get("/api/snapshot").await.json().await.unwrap();
     assert_eq!(snap["runs"][0]["run"], "fortunes");
     assert!(!snap["rounds"].as_array().unwrap().is_empty());
+    assert!(snap["bandwidth"]["peers"].is_object(), "{snap}");
+    if let Some(up) = snap["bandwidth"]["up_bps"].as_f64() {
+        assert!(up > 0.0, "{snap}");
+        assert!(metrics.contains("colony_bandwidth_bytes_per_second{direction=\"up\"}"));
+    }
 
     // The page and its assets, compiled in.
     let page = get("/").await.text().await.unwrap();
