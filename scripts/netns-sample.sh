@@ -14,7 +14,10 @@ shift
 : > "$out"
 while true; do
   for ns in "$@"; do
+    # awk programs: the $ fields are awk's, not the shell's.
+    # shellcheck disable=SC2016
     link=$(ip netns exec "$ns" awk '/eth0:/ {print $2, $10}' /proc/net/dev 2>/dev/null || true)
+    # shellcheck disable=SC2016
     udp=$(ip netns exec "$ns" awk '/^Udp:/ {n++; if (n == 2) print $4, $6}' /proc/net/snmp 2>/dev/null || true)
     [ -n "$link" ] && echo "$(date +%s.%N) $ns $link $udp" >> "$out"
   done

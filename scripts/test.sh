@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command of the README: installs what the tests need on a fresh machine, builds the
-# `colony` binary the multi-process tests run, then runs every test of the workspace and the
-# dashboard's browser test.
+# `colony` binary the multi-process tests run, then runs every test of the workspace, the
+# checks of deploy/ and the dashboard's browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,5 +28,6 @@ profile=default
 cargo nextest run --workspace --profile "$profile" "$@"
 # The dashboard in a real browser (skipped when nextest was given a filter).
 if [ $# -eq 0 ]; then
+  scripts/validate-deploy.sh
   scripts/browser-test.sh
 fi
