@@ -130,6 +130,42 @@ impl NetLab {
         ])
     }
 
+    /// Undoes [`Self::block`].
+    pub fn unblock(&self, from: usize, to: usize) -> anyhow::Result<()> {
+        let target = format!("{}/32", self.hosts[to].ip);
+        ip(&[
+            "-n",
+            &self.hosts[from].ns,
+            "route",
+            "del",
+            "prohibit",
+            &target,
+        ])
+    }
+
+    /// Splits the hosts in two: nothing passes between a host of `a` and a host of `b`, either
+    /// way (each host still reaches its own side).
+    pub fn partition(&self, a: &[usize], b: &[usize]) -> anyhow::Result<()> {
+        for &i in a {
+            for &j in b {
+                self.block(i, j)?;
+                self.block(j, i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Self::partition`] with the same sides.
+    pub fn heal(&self, a: &[usize], b: &[usize]) -> anyhow::Result<()> {
+        for &i in a {
+            for &j in b {
+                self.unblock(i, j)?;
+                self.unblock(j, i)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Limits host `i`'s upload and download to the given bits per second.
     pub fn shape(&self, i: usize, up_bps: u64, down_bps: u64) -> anyhow::Result<()> {
         let ns = self.hosts[i].ns.as_str();

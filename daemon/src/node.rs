@@ -144,7 +144,10 @@ impl Node {
             store,
             data.clone(),
             config.services.clone(),
-            relays,
+            crate::swarm::actor::Seeds {
+                relays,
+                bootstrap: config.bootstrap.clone(),
+            },
         );
         let span = tracing::info_span!("swarm", peer = %short(&peer_id));
         tasks.spawn(actor.run(cancel.clone()).instrument(span));

@@ -290,6 +290,32 @@ pub struct SwarmActor {
     /// Relays to keep a circuit listener open through, with the listener (if any) and when
     /// it was last attempted.
     relays: Vec<RelayListen>,
+    /// Bootstrap peers, re-dialled until reached (see [`Seed`]).
+    seeds: Vec<Seed>,
+}
+
+/// A bootstrap peer. One that could not be reached is dialled again (1 s, 2 s, … 30 s apart)
+/// until a connection is made; then Kademlia bootstraps again, so that nodes started at the
+/// same time as their seeds, or cut off from them at start-up, join one swarm instead of
+/// staying in islands. When the node has lost every connection, every seed is tried again.
+struct Seed {
+    addr: Multiaddr,
+    peer: PeerId,
+    reached: bool,
+    next_attempt: Instant,
+    backoff: Duration,
+}
+
+impl Seed {
+    const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+    const MAX_BACKOFF: Duration = Duration::from_secs(30);
+}
+
+/// The peers a node starts from: its relays (private nodes) and its bootstrap peers.
+#[derive(Debug, Default)]
+pub struct Seeds {
+    pub relays: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
 }
 
 struct RelayListen {
@@ -306,8 +332,26 @@ impl SwarmActor {
         store: LocalStore,
         data_dir: DataDir,
         services: Vec<String>,
-        relays: Vec<Multiaddr>,
+        seeds: Seeds,
     ) -> Self {
+        let now = Instant::now();
+        let local = *swarm.local_peer_id();
+        let bootstrap = seeds
+            .bootstrap
+            .into_iter()
+            .filter_map(|addr| match addr.iter().last() {
+                Some(Protocol::P2p(peer)) if peer != local => Some(Seed {
+                    addr,
+                    peer,
+                    reached: false,
+                    // Node::start dialled them once already.
+                    next_attempt: now + Seed::FIRST_BACKOFF,
+                    backoff: Seed::FIRST_BACKOFF,
+                }),
+                _ => None,
+            })
+            .collect();
+        let relays = seeds.relays;
         let GossipOut {
             tx: gossip_tx,
             counters: gossip_counters,
@@ -342,6 +386,7 @@ impl SwarmActor {
             services,
             started: Instant::now(),
             bootstrapped: false,
+            seeds: bootstrap,
             relays,
         }
     }
@@ -388,6 +433,28 @@ impl SwarmActor {
             self.swarm.behaviour_mut().blocked.unblock_peer(peer);
         }
         self.store.purge_expired(now_ms());
+        if self.swarm.connected_peers().next().is_none() {
+            // Cut off from everyone: every seed is worth trying again.
+            for s in self.seeds.iter_mut().filter(|s| s.reached) {
+                s.reached = false;
+                s.next_attempt = now;
+                s.backoff = Seed::FIRST_BACKOFF;
+            }
+        }
+        for i in 0..self.seeds.len() {
+            let s = &self.seeds[i];
+            if s.reached || now < s.next_attempt || self.swarm.is_connected(&s.peer) {
+                continue;
+            }
+            let addr = s.addr.clone();
+            debug!(%addr, "dialling a bootstrap peer again");
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                debug!(%addr, "cannot dial bootstrap peer: {e}");
+            }
+            let s = &mut self.seeds[i];
+            s.next_attempt = now + s.backoff;
+            s.backoff = (s.backoff * 2).min(Seed::MAX_BACKOFF);
+        }
         for r in &mut self.relays {
             let due = r
                 .last_attempt
@@ -740,7 +807,13 @@ impl SwarmActor {
                 if !st.addresses.contains(&addr) {
                     st.addresses.push(addr);
                 }
-                if !self.bootstrapped {
+                let mut new_seed = false;
+                for s in self.seeds.iter_mut().filter(|s| s.peer == peer_id && !s.reached) {
+                    s.reached = true;
+                    new_seed = true;
+                }
+                // A seed reached late may lead to peers this node has not seen: look again.
+                if !self.bootstrapped || new_seed {
                     self.bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
                 }
             }

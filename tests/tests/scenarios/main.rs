@@ -9,6 +9,7 @@ mod infer;
 mod matchmaking;
 mod misbehaviour;
 mod netns_allreduce;
+mod netns_dht;
 mod netns_relay;
 mod netns_train;
 mod patch;
