@@ -357,8 +357,16 @@ async fn apply(
                     let _ = queues[to].send(m).await;
                 }
             }
-            Output::Misbehaved { peer, reason } => {
-                h.report_offence(group.members[peer], reason).await
+            Output::Misbehaved {
+                peer,
+                reason,
+                byzantine,
+            } => {
+                if byzantine {
+                    h.report_byzantine(group.members[peer], reason).await
+                } else {
+                    h.report_offence(group.members[peer], reason).await
+                }
             }
             Output::Done(report) => return Some(report),
         }

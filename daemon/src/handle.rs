@@ -123,7 +123,27 @@ impl NodeHandle {
 
     /// Reports misbehaviour by `peer` (a forged or malformed answer found outside the actor).
     pub async fn report_offence(&self, peer: PeerId, reason: String) {
-        let _ = self.tx.send(Command::Offence { peer, reason }).await;
+        let _ = self
+            .tx
+            .send(Command::Offence {
+                peer,
+                reason,
+                byzantine: false,
+            })
+            .await;
+    }
+
+    /// `peer` sent poisoned data (NaN or outlier gradients): it is banned at once.
+    pub async fn report_byzantine(&self, peer: PeerId, reason: String) {
+        self.telemetry.error("byzantine_peer");
+        let _ = self
+            .tx
+            .send(Command::Offence {
+                peer,
+                reason,
+                byzantine: true,
+            })
+            .await;
     }
 
     /// One RPC to `peer`; `addrs` are extra addresses to dial it at (may be empty).

@@ -280,6 +280,11 @@ pub struct TrainArgs {
     /// Download this peer may use, Mbit/s.
     #[arg(long)]
     pub max_download_mbit: Option<f64>,
+    /// Average with CenteredClip of this radius instead of the exact mean (when this peer
+    /// leads a group): a Byzantine peer moves each part by at most its share times the radius
+    /// per iteration, and a copy far larger than the others' is dropped and its sender banned.
+    #[arg(long, value_name = "TAU")]
+    pub centered_clip: Option<f64>,
     /// Write what happened (this peer's id, every global step, samples, times) as JSON here
     /// when training ends.
     #[arg(long)]
@@ -384,6 +389,14 @@ async fn run_job<J: TrainJob>(
     );
     if let Some(up) = cfg.bandwidth_cap.0 {
         cfg.bandwidth = cfg.bandwidth.min(up);
+    }
+    if let Some(tau) = args.centered_clip {
+        anyhow::ensure!(
+            tau.is_finite() && tau > 0.0,
+            "--centered-clip {tau}: the radius must be a positive number"
+        );
+        cfg.matching.aggregation =
+            colony_trainer::allreduce::reducer::Aggregation::CenteredClip { tau, iters: 10 };
     }
     cfg.checkpoint = Some(
         args.checkpoint

@@ -64,7 +64,7 @@ impl Sim {
                     self.queue.push_back((from, to, message));
                 }
                 Output::Done(r) => self.reports[from] = Some(r),
-                Output::Misbehaved { peer, reason } => {
+                Output::Misbehaved { peer, reason, .. } => {
                     panic!("{from} says {peer} misbehaved: {reason}")
                 }
             }
@@ -402,7 +402,7 @@ fn a_status_naming_a_shard_makes_every_peer_keep_it_local() {
                     match o {
                         Output::Send { to, message } => queue.push_back((i, to, message)),
                         Output::Done(rep) => reports[i] = Some(rep),
-                        Output::Misbehaved { peer, reason } => panic!("{peer}: {reason}"),
+                        Output::Misbehaved { peer, reason, .. } => panic!("{peer}: {reason}"),
                     }
                 }
             }
@@ -416,7 +416,7 @@ fn a_status_naming_a_shard_makes_every_peer_keep_it_local() {
             match o {
                 Output::Send { to: t, message } => queue.push_back((to, t, message)),
                 Output::Done(rep) => reports[to] = Some(rep),
-                Output::Misbehaved { peer, reason } => panic!("{peer}: {reason}"),
+                Output::Misbehaved { peer, reason, .. } => panic!("{peer}: {reason}"),
             }
         }
     }

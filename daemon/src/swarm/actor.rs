@@ -126,6 +126,8 @@ pub enum Command {
     Offence {
         peer: PeerId,
         reason: String,
+        /// Poisoned data (NaN or outlier gradients): banned at once.
+        byzantine: bool,
     },
     Status {
         reply: oneshot::Sender<NodeStatus>,
@@ -469,6 +471,14 @@ impl SwarmActor {
         }
     }
 
+    fn byzantine(&mut self, peer: PeerId, reason: &str) {
+        if let Verdict::Banned { .. } = self.penalties.byzantine(peer, Instant::now()) {
+            warn!(%peer, "peer banned for sending poisoned data: {reason}");
+            self.swarm.behaviour_mut().blocked.block_peer(peer);
+            self.swarm.behaviour_mut().kad.remove_peer(&peer);
+        }
+    }
+
     fn offence(&mut self, peer: PeerId, reason: &str) {
         match self.penalties.offence(peer, Instant::now()) {
             Verdict::Warned { strikes } => warn!(%peer, strikes, "peer misbehaved: {reason}"),
@@ -530,7 +540,17 @@ impl SwarmActor {
                     .collect();
                 let _ = reply.send(plan);
             }
-            Command::Offence { peer, reason } => self.offence(peer, &reason),
+            Command::Offence {
+                peer,
+                reason,
+                byzantine,
+            } => {
+                if byzantine {
+                    self.byzantine(peer, &reason)
+                } else {
+                    self.offence(peer, &reason)
+                }
+            }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -808,7 +828,11 @@ impl SwarmActor {
                     st.addresses.push(addr);
                 }
                 let mut new_seed = false;
-                for s in self.seeds.iter_mut().filter(|s| s.peer == peer_id && !s.reached) {
+                for s in self
+                    .seeds
+                    .iter_mut()
+                    .filter(|s| s.peer == peer_id && !s.reached)
+                {
                     s.reached = true;
                     new_seed = true;
                 }

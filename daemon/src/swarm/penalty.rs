@@ -14,6 +14,9 @@ pub struct PenaltyConfig {
     pub strikes_to_ban: u32,
     pub window: Duration,
     pub ban: Duration,
+    /// The ban of a peer caught poisoning data (NaN or outlier gradients): at once, and long
+    /// enough to outlast a training run's session.
+    pub byzantine_ban: Duration,
 }
 
 impl Default for PenaltyConfig {
@@ -22,6 +25,7 @@ impl Default for PenaltyConfig {
             strikes_to_ban: 3,
             window: Duration::from_secs(600),
             ban: Duration::from_secs(600),
+            byzantine_ban: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -59,12 +63,24 @@ impl Penalties {
         slot.0 += 1;
         if slot.0 >= self.config.strikes_to_ban {
             self.strikes.remove(&peer);
+            // A longer ban in force (poisoned data) is not shortened.
             let until = now + self.config.ban;
+            let until = self.banned.get(&peer).map_or(until, |u| (*u).max(until));
             self.banned.insert(peer, until);
             Verdict::Banned { until }
         } else {
             Verdict::Warned { strikes: slot.0 }
         }
+    }
+
+    /// Bans `peer` at once for [`PenaltyConfig::byzantine_ban`] (it sent poisoned data).
+    pub fn byzantine(&mut self, peer: PeerId, now: Instant) -> Verdict {
+        self.total_offences += 1;
+        self.strikes.remove(&peer);
+        let until = now + self.config.byzantine_ban;
+        let until = self.banned.get(&peer).map_or(until, |u| (*u).max(until));
+        self.banned.insert(peer, until);
+        Verdict::Banned { until }
     }
 
     pub fn is_banned(&self, peer: &PeerId, now: Instant) -> bool {
@@ -114,6 +130,27 @@ mod tests {
         assert!(p.expire(t0 + Duration::from_secs(1)).is_empty());
         assert_eq!(p.expire(t0 + Duration::from_secs(601)), vec![peer]);
         assert!(!p.is_banned(&peer, t0 + Duration::from_secs(601)));
+    }
+
+    #[test]
+    fn poisoned_data_bans_at_once_for_a_day() {
+        let mut p = Penalties::default();
+        let peer = PeerId::random();
+        let t0 = Instant::now();
+        assert!(matches!(p.byzantine(peer, t0), Verdict::Banned { .. }));
+        assert!(p.is_banned(&peer, t0 + Duration::from_secs(3600)));
+        assert!(p.expire(t0 + Duration::from_secs(3600)).is_empty());
+        assert_eq!(
+            p.expire(t0 + Duration::from_secs(24 * 3600 + 1)),
+            vec![peer]
+        );
+        // A later ordinary ban does not shorten it.
+        let mut p = Penalties::default();
+        p.byzantine(peer, t0);
+        for _ in 0..3 {
+            p.offence(peer, t0);
+        }
+        assert!(p.is_banned(&peer, t0 + Duration::from_secs(3600)));
     }
 
     #[test]

@@ -126,13 +126,17 @@ async fn a_swarm_split_at_start_up_becomes_one_when_the_network_heals() {
     )
     .unwrap();
     let ns3 = lab.hosts[3].ns.clone();
-    wait_for("the record on the other side", Duration::from_secs(30), || {
-        let ns3 = ns3.clone();
-        async move {
-            let got = cli_json(&ns3, &["dht", "get", "test/after-heal"])?;
-            Ok(got.to_string().contains("one-swarm").then_some(()))
-        }
-    })
+    wait_for(
+        "the record on the other side",
+        Duration::from_secs(30),
+        || {
+            let ns3 = ns3.clone();
+            async move {
+                let got = cli_json(&ns3, &["dht", "get", "test/after-heal"])?;
+                Ok(got.to_string().contains("one-swarm").then_some(()))
+            }
+        },
+    )
     .await
     .unwrap();
 }

@@ -675,3 +675,124 @@ async fn the_dashboard_api_shows_a_live_training_run() {
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
     swarm.shutdown().await;
 }
+
+/// A peer that lies about its gradient: NaNs at even steps, the honest gradient × 10⁴ at odd
+/// ones. Everything else is an honest trainer's.
+struct Byzantine(AlbertTrainer);
+
+impl Trainer for Byzantine {
+    type Batch = colony_trainer::data::mlm::MlmBatch;
+    fn fingerprint(&self) -> [u8; 32] {
+        self.0.fingerprint()
+    }
+    fn epoch(&self) -> u64 {
+        self.0.epoch()
+    }
+    fn samples(&self) -> u64 {
+        self.0.samples()
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn params(&self) -> &[f32] {
+        self.0.params()
+    }
+    fn accumulate(
+        &mut self,
+        batch: &colony_trainer::data::mlm::MlmBatch,
+    ) -> Result<f32, colony_trainer::collab::local::TrainError> {
+        self.0.accumulate(batch)
+    }
+    fn mean_gradient(&self) -> Vec<f32> {
+        let g = self.0.mean_gradient();
+        if self.0.epoch().is_multiple_of(2) {
+            vec![f32::NAN; g.len()]
+        } else {
+            g.iter().map(|x| x * 1e4).collect()
+        }
+    }
+    fn reset_accumulator(&mut self) {
+        self.0.reset_accumulator()
+    }
+    fn apply(&mut self, grad: &[f32]) -> Result<f32, colony_trainer::collab::local::TrainError> {
+        self.0.apply(grad)
+    }
+    fn apply_keeping_accumulator(
+        &mut self,
+        grad: &[f32],
+    ) -> Result<f32, colony_trainer::collab::local::TrainError> {
+        self.0.apply_keeping_accumulator(grad)
+    }
+    fn state(&self) -> colony_trainer::collab::TrainState {
+        self.0.state()
+    }
+    fn restore(
+        &mut self,
+        s: colony_trainer::collab::TrainState,
+    ) -> Result<(), colony_trainer::collab::local::TrainError> {
+        self.0.restore(s)
+    }
+}
+
+/// Three honest peers and one Byzantine client (NaN gradients, then gradients × 10⁴)
+/// average with CenteredClip: the aggregators drop the liar's parts (non-finite, or an
+/// outlier by norm) and report it, so every honest peer bans it; the honest peers stay finite
+/// and identical and their held-out loss falls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_byzantine_peer_is_dropped_and_banned_and_training_goes_on() {
+    use colony_trainer::allreduce::reducer::Aggregation;
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let swarm = swarm(4, dir.path()).await;
+    let (mut fresh, _) = job.setup(b"probe").unwrap();
+    let before = held_out_loss(&job, &mut fresh);
+    let mut cfg = config(6, None);
+    cfg.matching.aggregation = Aggregation::CenteredClip {
+        tau: 1.0,
+        iters: 10,
+    };
+    let stop = CancellationToken::new();
+    let honest: Vec<_> = swarm.nodes[..3]
+        .iter()
+        .map(|n| spawn_peer(n, &job, cfg.clone(), stop.clone()))
+        .collect();
+    let liar_stop = CancellationToken::new();
+    let liar_node = &swarm.nodes[3];
+    let liar_id = liar_node.peer_id().to_string();
+    let liar = {
+        let h = liar_node.handle.clone();
+        let (trainer, source) = job.setup(&liar_node.peer_id().to_bytes()).unwrap();
+        let trainer: AlbertTrainer = Box::new(Byzantine(trainer));
+        let mut cfg = cfg.clone();
+        cfg.client = true;
+        cfg.max_steps = None;
+        let stop = liar_stop.clone();
+        tokio::spawn(async move { train(&h, trainer, source, &cfg, stop).await })
+    };
+    let mut results = finish(honest).await;
+    liar_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), liar).await;
+
+    let params: Vec<&[f32]> = results.iter().map(|(t, _)| t.params()).collect();
+    assert!(
+        params[0].iter().all(|x| x.is_finite()),
+        "the model stays finite"
+    );
+    for p in &params[1..] {
+        assert_eq!(*p, params[0], "honest peers end on the same parameters");
+    }
+    let (mut t, s) = results.remove(0);
+    assert_eq!(t.epoch(), 6);
+    assert!(averaged(&s.events) >= 4, "{:?}", s.events);
+    let after = held_out_loss(&job, &mut t);
+    assert!(after < before, "held-out loss {before} -> {after}");
+    for n in &swarm.nodes[..3] {
+        let st = n.handle.status().await.unwrap();
+        assert!(
+            st.banned_peers.contains(&liar_id),
+            "{} did not ban the liar: {st:?}",
+            n.peer_id()
+        );
+    }
+    swarm.shutdown().await;
+}

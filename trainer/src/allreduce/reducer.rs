@@ -2,6 +2,11 @@
 //! divided by the total weight actually received, or (as an option) CenteredClip over the
 //! copies.
 //!
+//! With CenteredClip the copies are kept, so a complete part is also screened: a copy whose
+//! norm is more than [`OUTLIER_NORM_RATIO`] times the median norm of the part's copies (three
+//! or more) is an outlier ([`ShardReducer::outliers`]); the round drops its sender like one
+//! that sent NaNs, and reports it.
+//!
 //! Fault semantics (hivemind's, made explicit): a sender that fails is dropped from every part
 //! it had not yet delivered; parts it did deliver keep its contribution. Each part's mean is
 //! therefore exact over the senders that contributed to it, and every receiver of that part
@@ -28,6 +33,12 @@ pub enum ReduceError {
     #[error("sender {0} already failed")]
     SenderFailed(usize),
 }
+
+/// A copy of a part this many times the median norm of the part's copies is an outlier.
+/// Honest gradients of the same parameters differ in norm by small factors; a sender that
+/// scales its gradient by less than this still moves a CenteredClip result by at most its
+/// share times τ per iteration.
+pub const OUTLIER_NORM_RATIO: f64 = 20.0;
 
 /// How an aggregator combines the senders' copies of a part.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -169,6 +180,50 @@ impl ShardReducer {
         }
     }
 
+    /// The senders whose copy of the complete `part` is an outlier (norm above
+    /// [`OUTLIER_NORM_RATIO`] times the median of three or more copies; CenteredClip only, as
+    /// the mean keeps no copies).
+    pub fn outliers(&self, part: usize) -> Vec<usize> {
+        let Some(acc) = self.parts.get(part) else {
+            return Vec::new();
+        };
+        let norms: Vec<(usize, f64)> = acc
+            .copies
+            .iter()
+            .enumerate()
+            .filter_map(|(s, c)| {
+                c.as_ref().map(|(_, x)| {
+                    let n2: f64 = x.iter().map(|v| f64::from(*v).powi(2)).sum();
+                    (s, n2.sqrt())
+                })
+            })
+            .collect();
+        if norms.len() < 3 {
+            return Vec::new();
+        }
+        let mut sorted: Vec<f64> = norms.iter().map(|(_, n)| *n).collect();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        norms
+            .into_iter()
+            .filter(|(_, n)| *n > OUTLIER_NORM_RATIO * median.max(f64::MIN_POSITIVE))
+            .map(|(s, _)| s)
+            .collect()
+    }
+
+    /// Removes `sender`'s contribution from `part` (an outlier); the part stays complete.
+    pub fn exclude(&mut self, sender: usize, part: usize) {
+        let Some(acc) = self.parts.get_mut(part) else {
+            return;
+        };
+        if let Some((w, x)) = acc.copies.get_mut(sender).and_then(Option::take) {
+            for (s, v) in acc.sum.iter_mut().zip(&x) {
+                *s -= w * f64::from(*v);
+            }
+            acc.weight -= w;
+        }
+    }
+
     /// Senders that contributed to `part`.
     pub fn contributors(&self, part: usize) -> Vec<usize> {
         self.parts.get(part).map_or(vec![], |acc| {
@@ -281,6 +336,42 @@ mod tests {
         for (a, b) in r.mean(0).unwrap().iter().zip(exact_mean) {
             assert!((a - b).abs() < 1e-5);
         }
+    }
+
+    #[test]
+    fn a_scaled_copy_is_an_outlier_and_excluding_it_leaves_the_honest_result() {
+        let honest: Vec<Vec<f32>> = (0..4)
+            .map(|i| {
+                (0..16)
+                    .map(|k| (k as f32 - 8.0) * (1.0 + 0.2 * i as f32))
+                    .collect()
+            })
+            .collect();
+        let scaled: Vec<f32> = honest[0].iter().map(|x| x * 1e4).collect();
+        let agg = Aggregation::CenteredClip { tau: 1e6, iters: 3 };
+        let mut r = ShardReducer::with_aggregation(&[16], 5, agg);
+        for (s, v) in honest.iter().enumerate() {
+            r.add(s, 0, 1.0 + s as f64, v).unwrap();
+        }
+        assert_eq!(
+            r.outliers(0),
+            Vec::<usize>::new(),
+            "honest spread is no outlier"
+        );
+        r.add(4, 0, 2.0, &scaled).unwrap();
+        assert_eq!(r.outliers(0), vec![4]);
+        r.exclude(4, 0);
+        assert_eq!(r.outliers(0), Vec::<usize>::new());
+        // With the radius wider than the honest spread, the result is the honest mean.
+        let want = exact(&honest, &[1.0, 2.0, 3.0, 4.0], &[0, 1, 2, 3]);
+        for (a, b) in r.mean(0).unwrap().iter().zip(want) {
+            assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+        }
+        // Two copies say nothing about which is the odd one.
+        let mut r = ShardReducer::with_aggregation(&[16], 2, agg);
+        r.add(0, 0, 1.0, &honest[0]).unwrap();
+        r.add(1, 0, 1.0, &scaled).unwrap();
+        assert!(r.outliers(0).is_empty());
     }
 
     #[test]

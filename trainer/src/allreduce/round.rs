@@ -84,9 +84,12 @@ pub enum Output {
         message: Message,
     },
     /// A peer broke the protocol; drop it (the round already treats it as failed).
+    /// `byzantine`: what it sent was well-formed but poisoned (non-finite values, an outlier
+    /// copy): a deliberate or broken peer that should not take part again.
     Misbehaved {
         peer: usize,
         reason: String,
+        byzantine: bool,
     },
     Done(RoundReport),
 }
@@ -241,6 +244,7 @@ impl Round {
                 if !sends(&self.spec, from) || failed.iter().any(|&j| j >= n) {
                     out.push(Output::Misbehaved {
                         peer: from,
+                        byzantine: false,
                         reason: "sent a malformed round status".into(),
                     });
                 } else {
@@ -251,6 +255,7 @@ impl Round {
                 let Some(r) = &mut self.reducer else {
                     out.push(Output::Misbehaved {
                         peer: from,
+                        byzantine: false,
                         reason: "sent a part to a peer that reduces nothing".into(),
                     });
                     return out;
@@ -265,6 +270,7 @@ impl Round {
                     Err(e) => {
                         out.push(Output::Misbehaved {
                             peer: from,
+                            byzantine: matches!(e, ReduceError::NotFinite { .. }),
                             reason: e.to_string(),
                         });
                         self.drop_sender(from, &mut out);
@@ -283,6 +289,7 @@ impl Round {
                 if !ok {
                     out.push(Output::Misbehaved {
                         peer: from,
+                        byzantine: false,
                         reason: format!("sent a bad result for part {part}"),
                     });
                     self.aggregator_failed[from] = true;
@@ -302,6 +309,7 @@ impl Round {
                 } else {
                     out.push(Output::Misbehaved {
                         peer: from,
+                        byzantine: false,
                         reason: format!("sent a bad result for part {part}"),
                     });
                 }
@@ -374,6 +382,30 @@ impl Round {
     /// Sends the average of every newly complete part of this peer's shard to every live
     /// sender, and keeps it locally.
     fn answer_complete_parts(&mut self, out: &mut Vec<Output>) {
+        // Outliers in newly complete parts (CenteredClip): their senders are dropped from the
+        // round like a sender of NaNs, and reported.
+        if let Some(r) = &mut self.reducer {
+            for k in 0..self.answered.len() {
+                if self.answered[k] || !r.is_complete(k) {
+                    continue;
+                }
+                for s in r.outliers(k) {
+                    r.exclude(s, k);
+                    if s != self.me && !self.sender_failed[s] {
+                        self.sender_failed[s] = true;
+                        r.sender_failed(s);
+                        out.push(Output::Misbehaved {
+                            peer: s,
+                            byzantine: true,
+                            reason: format!(
+                                "sent a copy of part {k} over {} times the median norm",
+                                crate::allreduce::reducer::OUTLIER_NORM_RATIO
+                            ),
+                        });
+                    }
+                }
+            }
+        }
         let Some(r) = &self.reducer else { return };
         let mut done_parts = Vec::new();
         for k in 0..self.answered.len() {
