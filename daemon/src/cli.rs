@@ -401,13 +401,17 @@ async fn run_node(args: NodeCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGINT (Ctrl-C) or SIGTERM (systemd, Kubernetes, `docker stop`).
+pub(crate) async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = match signal(SignalKind::terminate()) {
             Ok(s) => s,
-            Err(_) => return std::future::pending().await,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
         };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

@@ -982,7 +982,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let work = live(&swarm, stop.clone());
         tokio::pin!(work);
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {
+            () = crate::cli::wait_for_signal() => {
                 stop.cancel();
                 if let Err(e) = work.await {
                     tracing::warn!("live work: {e:#}");

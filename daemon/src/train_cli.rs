@@ -405,8 +405,9 @@ async fn run_job<J: TrainJob>(
     );
     let stop = CancellationToken::new();
     let s2 = stop.clone();
+    // SIGINT or SIGTERM: stop after the current micro-batch, write the checkpoint, exit 0.
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        crate::cli::wait_for_signal().await;
         s2.cancel();
     });
     let t0 = Instant::now();

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod allreduce;
+mod chaos;
 mod in_process;
 mod infer;
 mod matchmaking;
