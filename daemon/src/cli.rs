@@ -530,6 +530,8 @@ struct StatusView {
     infer_jobs: Option<Vec<serde_json::Value>>,
     /// Index shards the node serves.
     route_shards: Option<Vec<serde_json::Value>>,
+    /// Training runs the node takes part in, each with its last step (`/api/runs?points=1`).
+    runs: Vec<serde_json::Value>,
 }
 
 async fn status_view(base: &str) -> anyhow::Result<StatusView> {
@@ -542,12 +544,16 @@ async fn status_view(base: &str) -> anyhow::Result<StatusView> {
         .await
         .ok()
         .filter(|v: &Vec<_>| !v.is_empty());
+    let runs = api_get(base, "/api/runs?points=1")
+        .await
+        .unwrap_or_default();
     Ok(StatusView {
         status,
         peers,
         patch,
         infer_jobs,
         route_shards,
+        runs,
     })
 }
 
@@ -606,6 +612,31 @@ fn render_status(v: &StatusView, json: bool) -> anyhow::Result<String> {
     }
     if peers.len() > 8 {
         let _ = writeln!(o, "  ... and {} more", peers.len() - 8);
+    }
+    for r in &v.runs {
+        let swarm = &r["swarm"];
+        let last = r["history"]
+            .as_array()
+            .and_then(|h| h.last())
+            .map(|p| {
+                format!(
+                    "; last step {} {}, loss {}",
+                    p["epoch"],
+                    p["kind"].as_str().unwrap_or("?"),
+                    p["loss"].as_f64().map_or("?".into(), |l| format!("{l:.3}"))
+                )
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "training     {} at step {}{}: swarm {} peers, {}/{} samples{last}",
+            r["run"].as_str().unwrap_or("?"),
+            r["epoch"],
+            if r["active"] == false { " (left)" } else { "" },
+            swarm["peers"].as_u64().unwrap_or(0),
+            swarm["samples"].as_u64().unwrap_or(0),
+            r["target_batch"]
+        );
     }
     if let Some(p) = &v.patch {
         let _ = writeln!(

@@ -26,7 +26,9 @@ use colony_protocol::names::MAX_VALUE_BYTES;
 use colony_protocol::train::{MAX_STATE_CHUNK, StateRequest, StateResponse, TrainProgress};
 use colony_protocol::{DhtKey, Request, Response};
 use colony_trainer::allreduce::balance::PeerMode;
-use colony_trainer::collab::{Decision, GlobalView, PeerProgress, TrainState, Trainer, decide};
+use colony_trainer::collab::{
+    Decision, GlobalView, PeerProgress, TrainState, Trainer, decide, majority_digest,
+};
 use libp2p::PeerId;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -147,6 +149,9 @@ pub enum StepEvent {
     /// Did not step (round failed or left out); will catch up by download.
     Skipped { epoch: u64, why: String },
 }
+
+/// Progress records older than this do not vote on the majority's state.
+const RECONCILE_FRESH_MS: u64 = 10_000;
 
 /// A peer whose probe measured nothing probes again no sooner than this.
 const PROBE_AGAIN_AFTER: Duration = Duration::from_secs(60);
@@ -336,6 +341,12 @@ pub async fn train<Batch: Send + 'static>(
                 return Ok(trainer);
             }
             let epoch = trainer.epoch();
+            // The digest of this peer's state at this epoch (published with its progress).
+            let my_digest = lock(served)
+                .current
+                .as_ref()
+                .filter(|c| c.epoch == epoch)
+                .map(|c| c.digest);
             let progress =
                 |samples: u64, sps: f64, ready_at: Option<u64>, loss: Option<f32>| TrainProgress {
                     fingerprint,
@@ -347,10 +358,69 @@ pub async fn train<Batch: Send + 'static>(
                     ready_at_ms: ready_at,
                     serves_state: !cfg.client,
                     loss,
+                    state_digest: my_digest,
                 };
             let mean_loss = (loss_n > 0).then(|| (loss_sum / loss_n as f64) as f32);
             local_tx.send_replace(Some(progress(trainer.samples(), sps, ready_at, mean_loss)));
             let records: Vec<PeerProgress> = records_rx.borrow().clone();
+            // Islands of a healed partition (or a peer that stepped alone) hold different
+            // states at one epoch: a peer off the majority's state downloads it.
+            if let Some(mine) = my_digest {
+                let mut voters: Vec<PeerProgress> = records
+                    .iter()
+                    .filter(|r| r.peer != me.to_bytes())
+                    .cloned()
+                    .collect();
+                voters.push(PeerProgress {
+                    peer: me.to_bytes(),
+                    epoch,
+                    samples: 0,
+                    samples_per_sec: 0.0,
+                    time_ms: now_ms(),
+                    client: cfg.client,
+                    ready_at_ms: None,
+                    digest: Some(mine),
+                });
+                let fresh = now_ms().saturating_sub(RECONCILE_FRESH_MS);
+                if let Some(want) = majority_digest(&voters, epoch, fresh)
+                    && want != mine
+                {
+                    match download_state(h, run, &records, epoch, Some(want), cfg.max_state_bytes)
+                        .await
+                    {
+                        Ok((state, donors, bytes)) => {
+                            trainer.restore(state)?;
+                            tracing::warn!(
+                                run,
+                                epoch,
+                                donors,
+                                "this peer's state differed from the majority's at this step \
+                                 (a healed partition?); took the majority's"
+                            );
+                            h.telemetry().error("train_state_reconciled");
+                            note(
+                                h,
+                                run,
+                                summary,
+                                sps,
+                                StepEvent::Downloaded {
+                                    epoch,
+                                    donors,
+                                    bytes,
+                                },
+                            );
+                            publish_state(served, trainer.as_ref());
+                            ready_at = None;
+                            trainer.reset_accumulator();
+                            micro = 0;
+                            loss_sum = 0.0;
+                            loss_n = 0;
+                            continue;
+                        }
+                        Err(e) => tracing::debug!(run, epoch, "cannot reconcile yet: {e:#}"),
+                    }
+                }
+            }
             if let Some(each) = cfg.probe {
                 let idle = probing
                     .as_ref()
@@ -407,6 +477,7 @@ pub async fn train<Batch: Send + 'static>(
                     time_ms: now,
                     client: cfg.client,
                     ready_at_ms: ready_at,
+                    digest: my_digest,
                 });
                 let view = GlobalView::of(&view_records, now);
                 h.telemetry().run_progress(
@@ -543,7 +614,8 @@ pub async fn train<Batch: Send + 'static>(
             match decision {
                 Decision::Accumulate => {}
                 Decision::Behind { epoch: target } => {
-                    match download_state(h, run, &records, target, cfg.max_state_bytes).await {
+                    match download_state(h, run, &records, target, None, cfg.max_state_bytes).await
+                    {
                         Ok((state, donors, bytes)) => {
                             let got = state.epoch();
                             trainer.restore(state)?;
@@ -645,6 +717,8 @@ pub async fn train<Batch: Send + 'static>(
                                         samples: trainer.samples(),
                                         ready_at_ms: None,
                                         loss: None,
+                                        // No state at epoch + 1 yet.
+                                        state_digest: None,
                                         ..progress(0, sps, None, None)
                                     }));
                                     let source = batches.clone();
@@ -959,24 +1033,28 @@ pub async fn read_progress(
                     time_ms: p.time_ms,
                     client: p.client,
                     ready_at_ms: p.ready_at_ms,
+                    digest: p.state_digest,
                 })
         })
         .collect()
 }
 
-/// Downloads the newest state at `epoch` or later from several peers in parallel.
+/// Downloads the newest state at `epoch` or later from several peers in parallel (with
+/// `want`: the state with that digest at `epoch` exactly).
 /// Returns the state, the number of donors that served chunks, and its size.
 async fn download_state(
     h: &NodeHandle,
     run: &str,
     records: &[PeerProgress],
     epoch: u64,
+    want: Option<[u8; 32]>,
     max_bytes: usize,
 ) -> anyhow::Result<(TrainState, usize, usize)> {
     let me = h.peer_id().to_bytes();
     let candidates: Vec<PeerId> = records
         .iter()
         .filter(|r| r.epoch >= epoch && !r.client && r.peer != me)
+        .filter(|r| want.is_none_or(|w| r.epoch == epoch && r.digest == Some(w)))
         .filter_map(|r| PeerId::from_bytes(&r.peer).ok())
         .take(8)
         .collect();
@@ -999,7 +1077,7 @@ async fn download_state(
                 epoch: e,
                 size,
                 digest,
-            })) if e >= epoch => {
+            })) if e >= epoch && want.is_none_or(|w| w == digest) => {
                 offers.entry((e, digest, size)).or_default().push(p);
             }
             Ok(other) => tracing::debug!(peer = %p, ?other, "no usable state offer"),

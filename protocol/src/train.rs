@@ -26,6 +26,10 @@ pub struct TrainProgress {
     pub serves_state: bool,
     /// Mean training loss over the last steps (for dashboards; not trusted).
     pub loss: Option<f32>,
+    /// SHA-256 of this peer's state (parameters and optimizer) at `epoch`, once it has one:
+    /// peers at one epoch with different states (islands of a healed partition) reconcile
+    /// on the majority's.
+    pub state_digest: Option<[u8; 32]>,
 }
 
 /// State download requests.

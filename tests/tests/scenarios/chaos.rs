@@ -1,8 +1,9 @@
-//! Chaos: six `colony train` processes train albert-tiny on the fortunes while a peer is
+//! Chaos: `colony train` processes train albert-tiny on the fortunes while (1) a peer is
 //! killed with SIGKILL every few seconds and restarted (from its checkpoint, on the same
-//! address). The run keeps making global steps; once the chaos stops every peer catches up;
-//! after a clean stop every checkpoint decodes and the peers at the same step hold the same
-//! parameters.
+//! address), or (2) the network is split in two and healed (in network namespaces). The run
+//! keeps making global steps; afterwards every peer catches up; after a clean stop every
+//! checkpoint decodes and the peers at the same step hold the same parameters (after a
+//! partition, the islands' states are reconciled on the majority's).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -224,5 +225,165 @@ async fn training_survives_peers_killed_and_restarted() {
             .map(|(e, g)| (*e, g.len()))
             .collect::<Vec<_>>()
     );
+    phase("every checkpoint decodes; peers at the same step hold the same parameters");
+}
+
+/// Every checkpoint decodes, peers at the same step hold the same parameters, and at least
+/// `min_together` of them stopped at one step.
+fn check_checkpoints(dir: &Path, n: usize, min_together: usize) {
+    let mut by_epoch: BTreeMap<u64, Vec<(usize, Vec<f32>)>> = BTreeMap::new();
+    for i in 0..n {
+        let path: PathBuf = dir.join(format!("peer-{i}/checkpoint.bin"));
+        let state = colony_daemon::train::load_checkpoint(&path, 1 << 30)
+            .unwrap_or_else(|e| panic!("peer {i}'s checkpoint is corrupt: {e:#}"))
+            .unwrap_or_else(|| panic!("peer {i} left no checkpoint"));
+        assert!(state.params.iter().all(|x| x.is_finite()));
+        by_epoch
+            .entry(state.epoch())
+            .or_default()
+            .push((i, state.params));
+    }
+    for (e, group) in &by_epoch {
+        for (i, p) in &group[1..] {
+            assert!(
+                *p == group[0].1,
+                "peers {} and {i} are both at step {e} with different parameters",
+                group[0].0
+            );
+        }
+    }
+    let largest = by_epoch.values().map(Vec::len).max().unwrap();
+    assert!(
+        largest >= min_together,
+        "the peers stopped at scattered steps: {:?}",
+        by_epoch
+            .iter()
+            .map(|(e, g)| (*e, g.len()))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_survives_a_partition_and_the_islands_reconcile() {
+    use colony_daemon::netlab::NetLab;
+    assert!(
+        colony_tests::netns::available(),
+        "this test needs root and iproute2 (`ip netns`); CI runs as root"
+    );
+    colony_tests::init_tracing();
+    const N: usize = 4;
+    let lab = NetLab::new(&format!("cp{}", std::process::id() % 10000), 79, N).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = Corpus::read(Path::new(FORTUNES)).unwrap();
+    let tok = dir.path().join("tokenizer.json");
+    AlbertJob::tokenizer_for(&corpus, &tok, 2000).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..N {
+        let key = dir.path().join(format!("peer-{i}/node.key"));
+        ids.push(
+            colony_cli(&["keygen", "--out", key.to_str().unwrap()], None)
+                .unwrap()
+                .trim()
+                .to_string(),
+        );
+    }
+    let seeds: Vec<String> = [0, 2]
+        .iter()
+        .map(|&i| format!("/ip4/{}/tcp/4001/p2p/{}", lab.hosts[i].ip, ids[i]))
+        .collect();
+    let t0 = Instant::now();
+    let phase = |what: &str| eprintln!("[{:>6.1} s] {what}", t0.elapsed().as_secs_f64());
+    let mut peers = Vec::new();
+    for i in 0..N {
+        let data = dir.path().join(format!("peer-{i}"));
+        let mut a: Vec<String> = [
+            "--run",
+            "chaos",
+            "--model",
+            "albert-tiny",
+            "--data",
+            FORTUNES,
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--target-batch",
+            "32",
+            "--micro-batch",
+            "8",
+            "--seq",
+            "32",
+            "--warmup",
+            "2",
+            "--seed",
+            "3",
+            "--discovery",
+            "10",
+            "--http",
+            "127.0.0.1:8700",
+            "--reachability",
+            "public",
+            "--listen",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.push(format!("/ip4/{}/tcp/4001", lab.hosts[i].ip));
+        a.push("--checkpoint".into());
+        a.push(data.join("checkpoint.bin").to_str().unwrap().into());
+        for s in seeds.iter().filter(|s| !s.ends_with(&ids[i])) {
+            a.push("--bootstrap".into());
+            a.push(s.clone());
+        }
+        peers.push(NodeProcess::start_command("train", &data, &a, Some(&lab.hosts[i].ns)).unwrap());
+    }
+    // Each peer's step, through its API inside its namespace.
+    let epochs = |lab: &NetLab| -> Vec<Option<u64>> {
+        (0..N)
+            .map(|i| {
+                let out = colony_cli(
+                    &["status", "--json", "--api", "http://127.0.0.1:8700"],
+                    Some(&lab.hosts[i].ns),
+                )
+                .ok()?;
+                let v: Value = serde_json::from_str(&out).ok()?;
+                v["runs"].as_array()?.iter().find(|r| r["run"] == "chaos")?["epoch"].as_u64()
+            })
+            .collect()
+    };
+    let wait_all = |lab: &NetLab, at_least: u64, secs: u64| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let e = epochs(lab);
+            if e.iter().all(|x| x.is_some_and(|x| x >= at_least)) {
+                return e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not every peer reached step {at_least}: {e:?}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let e = wait_all(&lab, 2, 180);
+    phase(&format!(
+        "the run is at {e:?}; partition {{0, 1}} | {{2, 3}}"
+    ));
+    lab.partition(&[0, 1], &[2, 3]).unwrap();
+    std::thread::sleep(Duration::from_secs(25));
+    let split = epochs(&lab);
+    phase(&format!("after 25 s apart: {split:?}; healing"));
+    lab.heal(&[0, 1], &[2, 3]).unwrap();
+    let top = split.iter().flatten().max().copied().unwrap_or(0);
+    let e = wait_all(&lab, top + 3, 240);
+    phase(&format!("every peer went on to {e:?}"));
+    for p in &mut peers {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &p.child.id().to_string()])
+            .status();
+    }
+    for p in &mut peers {
+        let status = p.terminate().unwrap();
+        assert!(status.success(), "{status}\n{}", p.log_text());
+    }
+    check_checkpoints(dir.path(), N, N - 1);
     phase("every checkpoint decodes; peers at the same step hold the same parameters");
 }

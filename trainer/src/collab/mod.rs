@@ -19,7 +19,7 @@ pub use local::{
 };
 #[cfg(feature = "cuda")]
 pub use local::{albert_cuda, swav_cuda};
-pub use progress::{Decision, GlobalView, PeerProgress, decide};
+pub use progress::{Decision, GlobalView, PeerProgress, decide, majority_digest};
 pub use snapshot::{SnapshotError, TrainState};
 
 /// A model with a training objective.

@@ -16,6 +16,33 @@ pub struct PeerProgress {
     /// The all-reduce start this peer proposes for `epoch` (unix ms), once it saw the target
     /// reached.
     pub ready_at_ms: Option<u64>,
+    /// The digest of the peer's state at `epoch`, if it reports one.
+    pub digest: Option<[u8; 32]>,
+}
+
+/// The state most peers hold at `epoch`: among the fresh (written at `fresh_since_ms` or
+/// later), non-client records at `epoch` that report a digest, the digest with the most peers
+/// (a tie goes to the larger digest, so every peer picks the same one). None if no digest has
+/// two peers behind it: a lone peer is not a majority.
+pub fn majority_digest(
+    records: &[PeerProgress],
+    epoch: u64,
+    fresh_since_ms: u64,
+) -> Option<[u8; 32]> {
+    let mut count: std::collections::BTreeMap<[u8; 32], usize> = std::collections::BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for r in records {
+        if r.epoch == epoch && !r.client && r.time_ms >= fresh_since_ms && seen.insert(&r.peer) {
+            if let Some(d) = r.digest {
+                *count.entry(d).or_default() += 1;
+            }
+        }
+    }
+    count
+        .into_iter()
+        .filter(|(_, n)| *n >= 2)
+        .max_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)))
+        .map(|(d, _)| d)
 }
 
 /// The swarm as one peer sees it.
@@ -141,7 +168,43 @@ mod tests {
             time_ms: t,
             client: false,
             ready_at_ms: None,
+            digest: None,
         }
+    }
+
+    #[test]
+    fn the_majority_digest_wins_and_ties_break_the_same_way_everywhere() {
+        let with = |peer: u8, epoch: u64, d: u8, t: u64| PeerProgress {
+            digest: Some([d; 32]),
+            ..rec(peer, epoch, 10, 1.0, t)
+        };
+        let rs = [
+            with(1, 5, 7, 100),
+            with(2, 5, 7, 100),
+            with(3, 5, 9, 100),
+            with(4, 6, 9, 100),
+        ];
+        assert_eq!(majority_digest(&rs, 5, 0), Some([7; 32]));
+        // Stale records do not count; a lone digest is no majority.
+        assert_eq!(majority_digest(&rs, 5, 101), None);
+        assert_eq!(majority_digest(&rs, 6, 0), None);
+        // Two islands of two: the larger digest, whoever looks.
+        let tie = [
+            with(1, 5, 7, 100),
+            with(2, 5, 7, 100),
+            with(3, 5, 9, 100),
+            with(4, 5, 9, 100),
+        ];
+        assert_eq!(majority_digest(&tie, 5, 0), Some([9; 32]));
+        let mut rev = tie.clone();
+        rev.reverse();
+        assert_eq!(majority_digest(&rev, 5, 0), Some([9; 32]));
+        // Clients do not vote.
+        let mut c = with(5, 5, 3, 100);
+        c.client = true;
+        let rs = [with(1, 5, 3, 100), c.clone(), with(2, 5, 3, 100)];
+        assert_eq!(majority_digest(&rs, 5, 0), Some([3; 32]));
+        assert_eq!(majority_digest(&[with(1, 5, 3, 100), c], 5, 0), None);
     }
 
     #[test]
