@@ -32,10 +32,13 @@ pub fn majority_digest(
     let mut count: std::collections::BTreeMap<[u8; 32], usize> = std::collections::BTreeMap::new();
     let mut seen = std::collections::HashSet::new();
     for r in records {
-        if r.epoch == epoch && !r.client && r.time_ms >= fresh_since_ms && seen.insert(&r.peer) {
-            if let Some(d) = r.digest {
-                *count.entry(d).or_default() += 1;
-            }
+        if r.epoch == epoch
+            && !r.client
+            && r.time_ms >= fresh_since_ms
+            && seen.insert(&r.peer)
+            && let Some(d) = r.digest
+        {
+            *count.entry(d).or_default() += 1;
         }
     }
     count
