@@ -294,7 +294,7 @@ async fn training_survives_a_partition_and_the_islands_reconcile() {
     let t0 = Instant::now();
     let phase = |what: &str| eprintln!("[{:>6.1} s] {what}", t0.elapsed().as_secs_f64());
     let mut peers = Vec::new();
-    for i in 0..N {
+    for (i, id) in ids.iter().enumerate() {
         let data = dir.path().join(format!("peer-{i}"));
         let mut a: Vec<String> = [
             "--run",
@@ -329,7 +329,7 @@ async fn training_survives_a_partition_and_the_islands_reconcile() {
         a.push(format!("/ip4/{}/tcp/4001", lab.hosts[i].ip));
         a.push("--checkpoint".into());
         a.push(data.join("checkpoint.bin").to_str().unwrap().into());
-        for s in seeds.iter().filter(|s| !s.ends_with(&ids[i])) {
+        for s in seeds.iter().filter(|s| !s.ends_with(id.as_str())) {
             a.push("--bootstrap".into());
             a.push(s.clone());
         }
