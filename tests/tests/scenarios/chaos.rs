@@ -195,36 +195,7 @@ async fn training_survives_peers_killed_and_restarted() {
             p.log_text()
         );
     }
-    let mut by_epoch: BTreeMap<u64, Vec<(usize, Vec<f32>)>> = BTreeMap::new();
-    for i in 0..PEERS {
-        let path: PathBuf = dir.path().join(format!("peer-{i}/checkpoint.bin"));
-        let state = colony_daemon::train::load_checkpoint(&path, 1 << 30)
-            .unwrap_or_else(|e| panic!("peer {i}'s checkpoint is corrupt: {e:#}"))
-            .unwrap_or_else(|| panic!("peer {i} left no checkpoint"));
-        assert!(state.params.iter().all(|x| x.is_finite()));
-        by_epoch
-            .entry(state.epoch())
-            .or_default()
-            .push((i, state.params));
-    }
-    for (e, group) in &by_epoch {
-        for (i, p) in &group[1..] {
-            assert!(
-                *p == group[0].1,
-                "peers {} and {i} are both at step {e} with different parameters",
-                group[0].0
-            );
-        }
-    }
-    let largest = by_epoch.values().map(Vec::len).max().unwrap();
-    assert!(
-        largest >= PEERS - 1,
-        "the peers stopped at scattered steps: {:?}",
-        by_epoch
-            .iter()
-            .map(|(e, g)| (*e, g.len()))
-            .collect::<Vec<_>>()
-    );
+    check_checkpoints(dir.path(), PEERS, PEERS - 1);
     phase("every checkpoint decodes; peers at the same step hold the same parameters");
 }
 
