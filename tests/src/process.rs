@@ -204,3 +204,11 @@ pub fn colony_cli(args: &[&str], netns: Option<&str>) -> anyhow::Result<String> 
     }
     Ok(String::from_utf8(out.stdout)?)
 }
+
+/// `colony ARGS… --json --api http://127.0.0.1:8700 --token TOKEN` inside network namespace
+/// `ns` (every namespaced node of the tests serves its API there), parsed.
+pub fn netns_cli_json(ns: &str, token: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let mut a = args.to_vec();
+    a.extend(["--json", "--api", "http://127.0.0.1:8700", "--token", token]);
+    Ok(serde_json::from_str(&colony_cli(&a, Some(ns))?)?)
+}

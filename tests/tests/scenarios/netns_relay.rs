@@ -12,9 +12,7 @@ use serde_json::Value;
 const TOKEN: &str = "netns-relay-test-token";
 
 fn cli_json(ns: &str, args: &[&str]) -> anyhow::Result<Value> {
-    let mut a = args.to_vec();
-    a.extend(["--json", "--api", "http://127.0.0.1:8700", "--token", TOKEN]);
-    Ok(serde_json::from_str(&colony_cli(&a, Some(ns))?)?)
+    colony_tests::process::netns_cli_json(ns, TOKEN, args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
