@@ -104,6 +104,10 @@ pub struct LimitsConfig {
     pub dht_max_keys: usize,
     pub dht_max_bytes: usize,
     pub idle_connection_timeout_s: u64,
+    /// Inbound RPC requests a peer may make per second (bandwidth probes and state chunks not
+    /// counted), and in a burst; more are refused as overloaded.
+    pub rpc_per_peer_per_s: f64,
+    pub rpc_burst_per_peer: f64,
 }
 
 impl Default for NodeConfig {
@@ -154,6 +158,8 @@ impl Default for LimitsConfig {
             dht_max_keys: 100_000,
             dht_max_bytes: 256 * 1024 * 1024,
             idle_connection_timeout_s: 60,
+            rpc_per_peer_per_s: 500.0,
+            rpc_burst_per_peer: 2000.0,
         }
     }
 }
@@ -193,6 +199,13 @@ impl NodeConfig {
         anyhow::ensure!(
             self.limits.max_inbound_streams >= 1,
             "limits.max_inbound_streams must be at least 1"
+        );
+        anyhow::ensure!(
+            self.limits.rpc_per_peer_per_s.is_finite()
+                && self.limits.rpc_per_peer_per_s > 0.0
+                && self.limits.rpc_burst_per_peer.is_finite()
+                && self.limits.rpc_burst_per_peer >= 1.0,
+            "limits.rpc_per_peer_per_s must be positive and limits.rpc_burst_per_peer at least 1"
         );
         for b in &self.bootstrap {
             anyhow::ensure!(

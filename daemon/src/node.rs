@@ -144,9 +144,13 @@ impl Node {
             store,
             data.clone(),
             config.services.clone(),
-            crate::swarm::actor::Seeds {
+            crate::swarm::actor::Peering {
                 relays,
                 bootstrap: config.bootstrap.clone(),
+                rpc_rate: (
+                    config.limits.rpc_per_peer_per_s,
+                    config.limits.rpc_burst_per_peer,
+                ),
             },
         );
         let span = tracing::info_span!("swarm", peer = %short(&peer_id));

@@ -294,6 +294,8 @@ pub struct SwarmActor {
     relays: Vec<RelayListen>,
     /// Bootstrap peers, re-dialled until reached (see [`Seed`]).
     seeds: Vec<Seed>,
+    /// Per-peer limits on inbound requests.
+    rate: super::rate::RateLimiter,
 }
 
 /// A bootstrap peer. One that could not be reached is dialled again (1 s, 2 s, … 30 s apart)
@@ -313,11 +315,13 @@ impl Seed {
     const MAX_BACKOFF: Duration = Duration::from_secs(30);
 }
 
-/// The peers a node starts from: its relays (private nodes) and its bootstrap peers.
+/// The peers a node starts from (its relays, for a private node, and its bootstrap peers) and
+/// how many inbound requests per second (and in a burst) it takes from each peer.
 #[derive(Debug, Default)]
-pub struct Seeds {
+pub struct Peering {
     pub relays: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
+    pub rpc_rate: (f64, f64),
 }
 
 struct RelayListen {
@@ -334,8 +338,9 @@ impl SwarmActor {
         store: LocalStore,
         data_dir: DataDir,
         services: Vec<String>,
-        seeds: Seeds,
+        seeds: Peering,
     ) -> Self {
+        let rate = super::rate::RateLimiter::new(seeds.rpc_rate.0, seeds.rpc_rate.1);
         let now = Instant::now();
         let local = *swarm.local_peer_id();
         let bootstrap = seeds
@@ -389,6 +394,7 @@ impl SwarmActor {
             started: Instant::now(),
             bootstrapped: false,
             seeds: bootstrap,
+            rate,
             relays,
         }
     }
@@ -848,6 +854,7 @@ impl SwarmActor {
             } => {
                 if num_established == 0 {
                     self.peers.remove(&peer_id);
+                    self.rate.forget(&peer_id);
                 } else if let Some(st) = self.peers.get_mut(&peer_id) {
                     st.connections = num_established;
                 }
@@ -971,6 +978,35 @@ impl SwarmActor {
                     },
                 ..
             } => {
+                // Probes and state chunks are bounded by the streams in flight; the rest count
+                // against the peer's rate.
+                let counted = !matches!(
+                    request,
+                    Wire::Valid(Request::Probe { .. } | Request::State(_))
+                );
+                if counted
+                    && let super::rate::Admit::No { offence } =
+                        self.rate.admit(peer, Instant::now())
+                {
+                    if offence {
+                        self.offence(peer, "flooded this node with requests");
+                    }
+                    let why = format!(
+                        "rate limit: at most {} requests per second from one peer",
+                        self.rate.rate()
+                    );
+                    let response = Response::error(RpcErrorCode::Overloaded, why);
+                    if self
+                        .swarm
+                        .behaviour_mut()
+                        .rpc
+                        .send_response(channel, Wire::Valid(response))
+                        .is_err()
+                    {
+                        debug!(%peer, "response not sent: stream closed");
+                    }
+                    return;
+                }
                 let (channel, response) = match request {
                     Wire::Valid(Request::Route(r)) => match self.defer_route(peer, r, channel) {
                         Some(now) => now,

@@ -6,6 +6,7 @@
 pub mod actor;
 pub mod codec;
 pub mod penalty;
+pub mod rate;
 
 use std::num::NonZeroUsize;
 use std::time::Duration;

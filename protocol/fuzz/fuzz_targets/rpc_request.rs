@@ -7,6 +7,9 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     if let Ok(req) = Request::from_bytes(data) {
         let again = req.to_bytes().expect("a decoded request re-encodes");
-        assert_eq!(Request::from_bytes(&again).expect("re-decodes"), req);
+        let back = Request::from_bytes(&again).expect("re-decodes");
+        // Floats may be NaN (refused later, by validation), which compare unequal: compare
+        // the bytes.
+        assert_eq!(back.to_bytes().expect("re-encodes"), again);
     }
 });

@@ -231,3 +231,86 @@ async fn silent_streams_time_out_and_get_the_sender_banned() {
     assert_banned_and_still_serving(&node, bad).await;
     node.shutdown().await;
 }
+
+/// A peer that floods a node with requests gets "overloaded" answers beyond its rate and a
+/// strike for every burst's worth of refusals (three strikes ban, as for any offence); it is
+/// served again once it slows down, and other peers are served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_peer_is_rate_limited_and_others_are_served() {
+    use colony_daemon::local::{LocalSwarm, LocalSwarmConfig};
+    use colony_protocol::rpc::RpcErrorCode;
+    use colony_protocol::{Request, Response};
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut template = NodeConfig::loopback(".");
+    template.dht.announce_interval_s = 0;
+    template.dht.replicate_interval_s = 0;
+    template.limits.rpc_per_peer_per_s = 20.0;
+    template.limits.rpc_burst_per_peer = 40.0;
+    let swarm = LocalSwarm::start(
+        dir.path(),
+        LocalSwarmConfig {
+            nodes: 3,
+            template,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    swarm
+        .wait_for_routing(2, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let target = swarm.nodes[0].peer_id();
+    let flooder = swarm.nodes[1].handle.clone();
+    let before = swarm.nodes[0].handle.status().await.unwrap().offences;
+    // 150 pings in waves of 25 (below the 64 streams a connection may have open): about the
+    // burst (40) pass, the rest are refused as overloaded.
+    let mut answers = Vec::new();
+    for wave in 0..6u64 {
+        let pings = (0..25u64).map(|n| {
+            let h = flooder.clone();
+            async move {
+                h.rpc(
+                    target,
+                    vec![],
+                    Request::Ping {
+                        nonce: wave * 25 + n,
+                        payload: vec![],
+                    },
+                )
+                .await
+            }
+        });
+        answers.extend(futures::future::join_all(pings).await);
+    }
+    let refused = answers
+        .iter()
+        .filter(|a| {
+            matches!(a, Ok(Response::Error(e)) if e.code == RpcErrorCode::Overloaded
+                && e.message.contains("rate limit"))
+        })
+        .count();
+    let served = answers
+        .iter()
+        .filter(|a| !matches!(a, Ok(Response::Error(_)) | Err(_)))
+        .count();
+    assert!(
+        (40..=80).contains(&served),
+        "{served} served, {refused} refused"
+    );
+    assert_eq!(served + refused, 150);
+    // Every 40 refusals (the burst) are an offence: one or two strikes (the pings refill the
+    // bucket as they go), not yet the third that bans.
+    let after = swarm.nodes[0].handle.status().await.unwrap().offences;
+    assert!(
+        (before + 1..=before + 2).contains(&after),
+        "offences {before} -> {after}"
+    );
+    // Another peer is served meanwhile.
+    swarm.nodes[2].handle.ping(target).await.unwrap();
+    // After a pause the flooder is served again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    flooder.ping(target).await.unwrap();
+    swarm.shutdown().await;
+}

@@ -20,10 +20,11 @@ pub struct PeerProgress {
     pub digest: Option<[u8; 32]>,
 }
 
-/// The state most peers hold at `epoch`: among the fresh (written at `fresh_since_ms` or
+/// The state the peers at `epoch` settle on: among the fresh (written at `fresh_since_ms` or
 /// later), non-client records at `epoch` that report a digest, the digest with the most peers
-/// (a tie goes to the larger digest, so every peer picks the same one). None if no digest has
-/// two peers behind it: a lone peer is not a majority.
+/// (a tie goes to the larger digest, so every peer picks the same one; when every peer holds
+/// a state of its own, that is the largest digest, some peer's state all the same). None with
+/// fewer than two such records: a peer alone keeps its state.
 pub fn majority_digest(
     records: &[PeerProgress],
     epoch: u64,
@@ -41,9 +42,11 @@ pub fn majority_digest(
             *count.entry(d).or_default() += 1;
         }
     }
+    if count.values().sum::<usize>() < 2 {
+        return None;
+    }
     count
         .into_iter()
-        .filter(|(_, n)| *n >= 2)
         .max_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)))
         .map(|(d, _)| d)
 }
@@ -188,9 +191,12 @@ mod tests {
             with(4, 6, 9, 100),
         ];
         assert_eq!(majority_digest(&rs, 5, 0), Some([7; 32]));
-        // Stale records do not count; a lone digest is no majority.
+        // Stale records do not count; a lone record decides nothing.
         assert_eq!(majority_digest(&rs, 5, 101), None);
         assert_eq!(majority_digest(&rs, 6, 0), None);
+        // Every peer with a state of its own: the largest digest, whoever looks.
+        let all = [with(1, 5, 4, 100), with(2, 5, 8, 100), with(3, 5, 6, 100)];
+        assert_eq!(majority_digest(&all, 5, 0), Some([8; 32]));
         // Two islands of two: the larger digest, whoever looks.
         let tie = [
             with(1, 5, 7, 100),
@@ -208,6 +214,10 @@ mod tests {
         let rs = [with(1, 5, 3, 100), c.clone(), with(2, 5, 3, 100)];
         assert_eq!(majority_digest(&rs, 5, 0), Some([3; 32]));
         assert_eq!(majority_digest(&[with(1, 5, 3, 100), c], 5, 0), None);
+        assert_eq!(
+            majority_digest(&[with(1, 5, 3, 100), with(1, 5, 3, 100)], 5, 0),
+            None
+        );
     }
 
     #[test]
