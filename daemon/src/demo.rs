@@ -1,5 +1,7 @@
-//! `colony demo`: a local swarm on loopback that shows the node's features end to end.
-//! Later capabilities (Hogwild! inference, patches) add their steps here.
+//! `colony demo`: a local swarm on loopback that shows the node's features end to end
+//! (discovery, signed DHT records, RPC, gossip, the all-reduce, collaborative training,
+//! Hogwild! inference, graph routing, patch jobs); `--keep-running` keeps it working for the
+//! dashboard.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -984,30 +984,24 @@ impl SwarmActor {
                     request,
                     Wire::Valid(Request::Probe { .. } | Request::State(_))
                 );
-                if counted
-                    && let super::rate::Admit::No { offence } =
-                        self.rate.admit(peer, Instant::now())
-                {
-                    if offence {
-                        self.offence(peer, "flooded this node with requests");
-                    }
-                    let why = format!(
-                        "rate limit: at most {} requests per second from one peer",
-                        self.rate.rate()
-                    );
-                    let response = Response::error(RpcErrorCode::Overloaded, why);
-                    if self
-                        .swarm
-                        .behaviour_mut()
-                        .rpc
-                        .send_response(channel, Wire::Valid(response))
-                        .is_err()
-                    {
-                        debug!(%peer, "response not sent: stream closed");
-                    }
-                    return;
-                }
+                let refused = counted
+                    && match self.rate.admit(peer, Instant::now()) {
+                        super::rate::Admit::Yes => false,
+                        super::rate::Admit::No { offence } => {
+                            if offence {
+                                self.offence(peer, "flooded this node with requests");
+                            }
+                            true
+                        }
+                    };
                 let (channel, response) = match request {
+                    _ if refused => {
+                        let why = format!(
+                            "rate limit: at most {} requests per second from one peer",
+                            self.rate.rate()
+                        );
+                        (channel, Response::error(RpcErrorCode::Overloaded, why))
+                    }
                     Wire::Valid(Request::Route(r)) => match self.defer_route(peer, r, channel) {
                         Some(now) => now,
                         None => return,
